@@ -1,0 +1,39 @@
+"""A caller waiting for a connection, and the acknowledged handoff to it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._record import Record
+
+
+class Waiter:
+    """One queued acquire. ``offer`` is the handoff: it says whether the waiter took it.
+
+    A waiter that timed out or was cancelled has a done future and refuses the offer, so the
+    releaser hands the connection to the next waiter instead of losing it. A waiter that is
+    cancelled *after* accepting gives the connection back itself (see ``Pool._wait``).
+    """
+
+    __slots__ = ("future", "since", "timer")
+
+    def __init__(self, future: asyncio.Future[Record], since: float) -> None:
+        self.future = future
+        self.since = since
+        self.timer: asyncio.TimerHandle | None = None
+
+    def offer(self, record: Record) -> bool:
+        """Hand ``record`` to this waiter; ``False`` if it no longer wants one."""
+        future = self.future
+        if future.done():
+            return False
+        future.set_result(record)
+        if self.timer is not None:
+            self.timer.cancel()
+        return True
+
+    def __repr__(self) -> str:
+        state = "waiting" if not self.future.done() else "served_or_abandoned"
+        return f"<Waiter {state} since={self.since:.3f}>"

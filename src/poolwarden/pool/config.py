@@ -1,0 +1,144 @@
+"""The configuration of one pool (one database node), validated once and then sealed.
+
+``PoolConfig`` is what the pool core needs and nothing more; :mod:`poolwarden.settings`
+builds it from the environment. It is a frozen dataclass: a pool's configuration changes
+only through :meth:`poolwarden.pool.Pool.resize`, never by mutation.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl as _ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._secrets import dsn_target, mask_dsn
+from ..errors import ConfigProblem, ConfigurationError
+
+InitHook = Callable[[Any], Awaitable[None]]
+"""``async def init(conn: asyncpg.Connection) -> None``: runs once on every new connection
+(register type codecs, prepare statements). A failure discards the connection."""
+
+
+class ResetPolicy(enum.StrEnum):
+    """What the pool does to a connection when it is released.
+
+    ``TRANSACTION`` (default; safe and fast): an open or failed transaction is rolled back,
+    a query still running is cancelled, and a connection whose state cannot be restored is
+    closed rather than handed on. Session state set *outside* a transaction (``SET`` without
+    ``LOCAL``, ``LISTEN``, session advisory locks, temporary tables, ``PREPARE``) is kept:
+    mark such a use with ``pool.connection(reset=True)`` to get the full reset for it.
+
+    ``ALWAYS``: the full reset after every use (rollback, then ``RESET ALL``, ``UNLISTEN *``,
+    ``CLOSE ALL``, advisory unlock all) — asyncpg's own pool behaviour; one extra round trip
+    per release.
+    """
+
+    TRANSACTION = "transaction"
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PoolConfig:
+    """Configuration of one pool. Durations are in seconds; ``None`` means "not set"."""
+
+    dsn: str
+    name: str = "primary"
+    min_size: int = 1
+    pool_size: int = 10
+    max_overflow: int = 5
+    max_waiting: int = 1000
+    acquire_timeout: float = 5.0
+    max_lifetime: float = 1800.0
+    lifetime_jitter: float = 0.05
+    idle_timeout: float = 300.0
+    pre_ping: bool = True
+    ping_after_idle: float = 0.5
+    connect_timeout: float = 5.0
+    command_timeout: float = 30.0
+    release_timeout: float = 5.0
+    statement_timeout: float | None = None
+    lock_timeout: float | None = None
+    idle_in_transaction_timeout: float | None = None
+    application_name: str = "poolwarden"
+    timezone: str = "UTC"
+    ssl: _ssl.SSLContext | str | None = None
+    statement_cache_size: int = 100
+    reset: ResetPolicy = ResetPolicy.TRANSACTION
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    max_concurrent_connects: int = 2
+    maintenance_interval: float = 1.0
+    server_settings: Mapping[str, str] = field(default_factory=dict)
+    init: InitHook | None = None
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigurationError(problems)
+
+    @property
+    def max_size(self) -> int:
+        """The most connections this pool may hold at once: ``pool_size + max_overflow``."""
+        return self.pool_size + self.max_overflow
+
+    def all_server_settings(self) -> dict[str, str]:
+        """The ``server_settings`` sent in every connection's startup packet (no round trip)."""
+        out = {"timezone": self.timezone, "application_name": self.application_name}
+        for key, seconds in (
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+            ("idle_in_transaction_session_timeout", self.idle_in_transaction_timeout),
+        ):
+            if seconds is not None:
+                out[key] = str(int(seconds * 1000))
+        out.update(self.server_settings)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"PoolConfig(name={self.name!r}, target={dsn_target(self.dsn)!r}, "
+            f"min_size={self.min_size}, pool_size={self.pool_size}, "
+            f"max_overflow={self.max_overflow}, max_waiting={self.max_waiting}, "
+            f"acquire_timeout={self.acquire_timeout}, reset={self.reset.value!r})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def masked_dsn(self) -> str:
+        return mask_dsn(self.dsn)
+
+
+def _problems(c: PoolConfig) -> list[ConfigProblem]:
+    """Every rule ``c`` breaks; the variable names are the pool's field names."""
+    out: list[ConfigProblem] = []
+
+    def need(ok: bool, variable: str, rule: str, value: object) -> None:
+        if not ok:
+            out.append(ConfigProblem(variable, rule, repr(value)))
+
+    need(bool(c.dsn), "dsn", "must not be empty", "")
+    need(c.min_size >= 0, "min_size", "must be >= 0", c.min_size)
+    need(c.pool_size >= 1, "pool_size", "must be >= 1", c.pool_size)
+    need(c.max_overflow >= 0, "max_overflow", "must be >= 0", c.max_overflow)
+    need(c.min_size <= c.pool_size, "min_size", "must be <= pool_size", c.min_size)
+    need(c.max_waiting >= 0, "max_waiting", "must be >= 0", c.max_waiting)
+    for name in ("acquire_timeout", "connect_timeout", "command_timeout", "release_timeout",
+                 "max_lifetime", "idle_timeout", "reconnect_initial_delay",
+                 "reconnect_max_delay", "maintenance_interval"):
+        value = getattr(c, name)
+        need(value > 0, name, "must be > 0 seconds", value)
+    need(c.ping_after_idle >= 0, "ping_after_idle", "must be >= 0 seconds", c.ping_after_idle)
+    need(0 <= c.lifetime_jitter < 1, "lifetime_jitter", "must be in [0, 1)", c.lifetime_jitter)
+    for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_timeout"):
+        value = getattr(c, name)
+        need(value is None or value >= 0, name, "must be >= 0 seconds or unset", value)
+    need(c.statement_cache_size >= 0, "statement_cache_size", "must be >= 0",
+         c.statement_cache_size)
+    need(c.max_concurrent_connects >= 1, "max_concurrent_connects", "must be >= 1",
+         c.max_concurrent_connects)
+    need(c.reconnect_max_delay >= c.reconnect_initial_delay, "reconnect_max_delay",
+         "must be >= reconnect_initial_delay", c.reconnect_max_delay)
+    return out

@@ -1,0 +1,602 @@
+"""The pool core: one fair pool of asyncpg connections for one database node.
+
+Shape (after httpcore and psycopg_pool): every decision — who gets a released connection,
+whether to open another, whether a connection may be reused — is synchronous code that runs
+without awaiting, so it is atomic on the event loop; the I/O it calls for (connect, ping,
+rollback, close) runs afterwards, in tasks the pool tracks. The acquire and release fast
+paths do no I/O at all.
+
+Fairness: a caller that cannot be served at once joins a FIFO queue of :class:`Waiter`;
+a released or newly opened connection goes straight to the oldest live waiter (direct
+handoff), so a newcomer can never overtake someone already waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import weakref
+from collections import Counter, deque
+from typing import TYPE_CHECKING
+
+from ..errors import ConnectionFailed, PoolClosed, PoolError, PoolExhausted, PoolState, PoolTimeout
+from . import _driver
+from ._driver import PooledConnection
+from ._policy import Backoff, lifetime_deadline
+from ._record import CloseReason, ConnState, Record
+from ._waiter import Waiter
+from .config import PoolConfig, ResetPolicy
+from .stats import PoolStats
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+_monotonic = time.monotonic
+
+
+class Pool:
+    """A pool of connections to one PostgreSQL node.
+
+    Use ``async with pool.connection() as conn:`` (``conn`` is an ``asyncpg.Connection``),
+    or :meth:`acquire` / :meth:`release` in pairs. At most ``pool_size + max_overflow``
+    connections exist; ``min_size`` are kept open; overflow connections are closed as soon
+    as they go idle.
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        self._config = config
+        self._idle: deque[Record] = deque()  # right end = most recently used (LIFO reuse)
+        self._waiters: deque[Waiter] = deque()  # left end = oldest
+        self._n_in_use = 0
+        self._n_opening = 0
+        self._opened = False
+        self._closing = False
+        self._closed = False
+        self._drained: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff = Backoff(config.reconnect_initial_delay, config.reconnect_max_delay)
+        self._last_error: BaseException | None = None
+        self._server_started_at = 0.0
+        # Idle connections released before this instant are pinged before reuse: set when a
+        # connection is found dead, since its siblings may have died with it.
+        self._suspect_before = 0.0
+        self._apply_limits(config)
+        # cumulative counters
+        self._acquires = 0
+        self._waited = 0
+        self._wait_s = 0.0
+        self._timeouts = 0
+        self._refusals = 0
+        self._cancelled = 0
+        self._created = 0
+        self._connect_errors = 0
+        self._closed_by: Counter[str] = Counter()
+        self._pings = 0
+        self._ping_failures = 0
+        self._restores = 0
+        self._server_restarts = 0
+
+    def _apply_limits(self, config: PoolConfig) -> None:
+        # Copied to plain attributes: the hot paths read them on every call.
+        self._min_size = config.min_size
+        self._pool_size = config.pool_size
+        self._max_size = config.max_size
+        self._max_waiting = config.max_waiting
+        self._acquire_timeout = config.acquire_timeout
+        self._ping_window = config.ping_after_idle if config.pre_ping else float("inf")
+        self._always_reset = config.reset is ResetPolicy.ALWAYS
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._config
+
+    async def open(self, *, wait: bool = True) -> None:
+        """Start the pool and warm it to ``min_size`` (at least one connection).
+
+        With ``wait`` (default) the first connections are opened now and a failure raises
+        :class:`ConnectionFailed` (fail fast on a wrong DSN or a down server); without it,
+        warm-up happens in the background and acquirers wait for it.
+        """
+        if self._opened:
+            return
+        self._opened = True
+        self._track(_maintain_periodically(weakref.ref(self), self._config.maintenance_interval))
+        if not wait:
+            self._grow()
+            return
+        try:
+            for _ in range(max(1, self._min_size)):
+                record = await self._connect()
+                self._n_in_use += 1
+                self._hand_on(record)
+        except Exception as exc:
+            await self.close(timeout=0)
+            raise self._connection_failed(exc) from exc
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop admitting work, let in-flight holders finish for up to ``timeout`` seconds,
+        then close every connection (terminating those still in use). Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        state = self._state()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(PoolClosed("pool closed", node=self.name, state=state))
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+        while self._idle:
+            self._retire_idle(self._idle.popleft(), CloseReason.POOL_CLOSED)
+        if self._n_in_use:
+            self._drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                pass
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(timeout, 1.0))
+        self._closed = True
+
+    async def __aenter__(self) -> Pool:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def resize(
+        self,
+        *,
+        pool_size: int | None = None,
+        max_overflow: int | None = None,
+        min_size: int | None = None,
+    ) -> None:
+        """Change the limits at runtime (validated like the configuration). Shrinking closes
+        idle connections above the new size now and in-use ones as they are released."""
+        changes = {
+            key: value
+            for key, value in (
+                ("pool_size", pool_size),
+                ("max_overflow", max_overflow),
+                ("min_size", min_size),
+            )
+            if value is not None
+        }
+        self._config = dataclasses.replace(self._config, **changes)
+        self._apply_limits(self._config)
+        while self._idle and self._total() > self._pool_size:
+            self._retire_idle(self._idle.popleft(), CloseReason.RESIZED)
+        self._grow()
+
+    # ------------------------------------------------------------------ acquire
+
+    def connection(
+        self, *, timeout: float | None = None, deadline: float | None = None, reset: bool = False
+    ) -> Checkout:
+        """``async with pool.connection() as conn:`` — acquire, then release on exit.
+
+        ``reset=True`` asks for the full session reset on release (use it when the block
+        sets session state: ``SET``, ``LISTEN``, advisory locks, temp tables). A
+        connection-loss error leaving the block discards the connection.
+        """
+        return Checkout(self, timeout, deadline, reset)
+
+    async def acquire(
+        self, *, timeout: float | None = None, deadline: float | None = None
+    ) -> PooledConnection:
+        """Return a connection for the caller's exclusive use; pair with :meth:`release`.
+
+        ``timeout`` (seconds, default ``acquire_timeout``) bounds the wait; ``deadline``
+        (a ``time.monotonic()`` instant) bounds it too, the earlier one wins.
+
+        Raises :class:`PoolExhausted` at once when ``max_waiting`` callers already wait,
+        :class:`PoolTimeout` when none could be had in time (also at once when the deadline
+        has passed, without touching the server), :class:`PoolClosed` after :meth:`close`.
+        """
+        if self._closing:
+            raise PoolClosed("pool is closed", node=self.name, state=self._state())
+        now = _monotonic()
+        if deadline is not None and deadline <= now:
+            self._timeouts += 1
+            raise PoolTimeout("deadline already passed", node=self.name, state=self._state(),
+                              waited_s=0.0)
+        idle = self._idle
+        while idle and not self._waiters:
+            record = idle.pop()
+            record.state = ConnState.IN_USE
+            self._n_in_use += 1
+            if now >= record.expires_at:
+                self._retire(record, CloseReason.LIFETIME)
+                continue
+            if record.server_started_at < self._server_started_at:
+                self._retire(record, CloseReason.SERVER_RESTARTED)
+                continue
+            if (
+                now - record.idle_since > self._ping_window
+                or record.idle_since < self._suspect_before
+            ) and not await self._ping(record):
+                continue
+            self._acquires += 1
+            record.acquired_at = now
+            return record.conn
+        return await self._wait(now, timeout, deadline)
+
+    async def _wait(self, now: float, timeout: float | None, deadline: float | None) -> PooledConnection:
+        if len(self._waiters) >= self._max_waiting:
+            self._refusals += 1
+            raise PoolExhausted(
+                f"{len(self._waiters)} callers already waiting (max_waiting={self._max_waiting})",
+                node=self.name, state=self._state(),
+            )
+        limit = now + (self._acquire_timeout if timeout is None else timeout)
+        if deadline is not None and deadline < limit:
+            limit = deadline
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Record] = loop.create_future()
+        waiter = Waiter(future, now)
+        self._waiters.append(waiter)
+        waiter.timer = loop.call_later(limit - now, self._expire, waiter)
+        self._grow()
+        try:
+            record = await future
+        except asyncio.CancelledError:
+            waiter.timer.cancel()
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Served in the same loop step as we were cancelled: pass it on, not lose it.
+                self._hand_on(future.result())
+            else:
+                self._forget(waiter)
+            self._cancelled += 1
+            raise
+        done = _monotonic()
+        self._acquires += 1
+        self._waited += 1
+        self._wait_s += done - now
+        record.acquired_at = done
+        return record.conn
+
+    def _expire(self, waiter: Waiter) -> None:
+        """Timer callback: the waiter's time is up."""
+        if waiter.future.done():
+            return
+        self._forget(waiter)
+        self._timeouts += 1
+        error = PoolTimeout("no connection available", node=self.name, state=self._state(),
+                            waited_s=_monotonic() - waiter.since)
+        error.__cause__ = self._last_error
+        waiter.future.set_exception(error)
+
+    def _forget(self, waiter: Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass  # already popped by a handoff it refused
+
+    async def _ping(self, record: Record) -> bool:
+        """Ping an idle connection before reuse; on failure it is closed and ``False``
+        returned. The record counts as in use meanwhile."""
+        self._pings += 1
+        try:
+            await _driver.ping(record.conn, self._config.connect_timeout)
+        except asyncio.CancelledError:
+            # The acquirer was cancelled mid-ping: the connection state is unknown.
+            self._retire(record, CloseReason.PING_FAILED)
+            raise
+        except Exception as exc:
+            self._ping_failures += 1
+            self._suspect_before = _monotonic()
+            self._last_error = exc
+            self._retire(record, CloseReason.PING_FAILED)
+            return False
+        record.idle_since = _monotonic()
+        return True
+
+    # ------------------------------------------------------------------ release
+
+    async def release(
+        self, conn: PooledConnection, *, reset: bool = False, discard: bool = False
+    ) -> None:
+        """Give ``conn`` back. Never loses the slot, even if the caller is cancelled.
+
+        An open or failed transaction is rolled back and a query still running is
+        cancelled before reuse; with ``reset`` (or ``ResetPolicy.ALWAYS``) the full session
+        reset runs too. A connection that cannot be cleaned, is past its lifetime, or is
+        ``discard``-ed is closed instead. Raises :class:`PoolError` when ``conn`` is not
+        checked out from this pool.
+        """
+        record = self._checked_out(conn)
+        if record is None:
+            return
+        if discard:
+            self._retire(record, CloseReason.DISCARDED)
+            return
+        if _driver.is_closed(conn):
+            self._connection_lost(record)
+            return
+        if reset or self._always_reset or _driver.needs_restore(conn):
+            # Shielded: if our caller is cancelled the restore still finishes and the slot
+            # is still returned; the task is tracked so close() can wait for it.
+            await asyncio.shield(self._track(self._restore(record, full=reset or self._always_reset)))
+            return
+        self._reuse(record)
+
+    def _checked_out(self, conn: PooledConnection) -> Record | None:
+        record: Record | None = getattr(conn, "_pw_record", None)
+        if record is None or record.pool is not self:
+            raise PoolError("release of a connection that is not from this pool", node=self.name)
+        if record.state is ConnState.IN_USE:
+            return record
+        if record.state is ConnState.CLOSED:
+            return None  # terminated by close() or retired while held: nothing to give back
+        raise PoolError("connection released twice", node=self.name, state=self._state())
+
+    def _reuse(self, record: Record) -> None:
+        if _monotonic() >= record.expires_at:
+            self._retire(record, CloseReason.LIFETIME)
+        elif record.server_started_at < self._server_started_at:
+            self._retire(record, CloseReason.SERVER_RESTARTED)
+        else:
+            self._hand_on(record)
+
+    async def _restore(self, record: Record, *, full: bool) -> None:
+        try:
+            await _driver.restore(record.conn, full=full, timeout=self._config.release_timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            self._last_error = exc
+            if _driver.is_connection_lost(exc) or _driver.is_closed(record.conn):
+                self._connection_lost(record)
+            else:
+                self._retire(record, CloseReason.RESET_FAILED)
+            return
+        self._restores += 1
+        self._reuse(record)
+
+    def _connection_lost(self, record: Record) -> None:
+        """A checked-out connection turned out dead: retire it and make idle siblings
+        prove themselves with a ping before reuse (the server may have restarted)."""
+        self._suspect_before = _monotonic()
+        self._retire(record, CloseReason.ERROR)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _hand_on(self, record: Record) -> None:
+        """Give an in-use record to the oldest live waiter, else make it idle (or close it
+        when it is above ``pool_size`` or the pool is closing). Synchronous: atomic."""
+        waiters = self._waiters
+        while waiters:
+            if waiters.popleft().offer(record):
+                return
+        self._n_in_use -= 1
+        if self._closing or len(self._idle) + self._n_in_use + self._n_opening >= self._pool_size:
+            self._n_in_use += 1  # _retire counts it out
+            self._retire(record, CloseReason.POOL_CLOSED if self._closing else CloseReason.OVERFLOW)
+            return
+        record.state = ConnState.IDLE
+        record.idle_since = _monotonic()
+        self._idle.append(record)
+
+    def _retire(self, record: Record, reason: CloseReason) -> None:
+        """Close an in-use record in the background and replace it if callers need one."""
+        self._n_in_use -= 1
+        self._close_record(record, reason)
+        if self._closing:
+            if self._n_in_use == 0 and self._drained is not None:
+                self._drained.set()
+        else:
+            self._grow()
+
+    def _retire_idle(self, record: Record, reason: CloseReason) -> None:
+        """Close a record the caller has already removed from the idle stack."""
+        self._close_record(record, reason)
+
+    def _close_record(self, record: Record, reason: CloseReason) -> None:
+        record.state = ConnState.CLOSED
+        self._closed_by[reason.value] += 1
+        self._track(_driver.close_quietly(record.conn, self._config.release_timeout))
+
+    def _total(self) -> int:
+        return len(self._idle) + self._n_in_use + self._n_opening
+
+    def _grow(self) -> None:
+        """Start connection attempts for waiters not yet covered and to keep ``min_size``,
+        within ``max_size`` and at most ``max_concurrent_connects`` at a time (after a
+        failure, each attempt first waits out the backoff: no stampede)."""
+        if self._closing or not self._opened:
+            return
+        total = self._total()
+        wanted = max(len(self._waiters) - self._n_opening, self._min_size - total)
+        limit = self._config.max_concurrent_connects
+        while wanted > 0 and total < self._max_size and self._n_opening < limit:
+            self._n_opening += 1
+            total += 1
+            wanted -= 1
+            self._track(self._open_one())
+
+    async def _open_one(self) -> None:
+        try:
+            delay = self._backoff.delay()
+            if delay:
+                await asyncio.sleep(delay)
+            record = await self._connect()
+        except asyncio.CancelledError:
+            self._n_opening -= 1
+            raise
+        except Exception as exc:
+            self._n_opening -= 1
+            self._backoff.failed()
+            self._last_error = self._connection_failed(exc)
+            self._last_error.__cause__ = exc
+            self._grow()
+            return
+        self._n_opening -= 1
+        self._backoff.succeeded()
+        self._n_in_use += 1
+        if self._closing:
+            self._retire(record, CloseReason.POOL_CLOSED)
+            return
+        self._hand_on(record)
+        self._grow()
+
+    async def _connect(self) -> Record:
+        """Open one connection and learn the server's start time (restart detection)."""
+        try:
+            conn = await _driver.open_connection(self._config)
+            try:
+                started = await _driver.server_started_at(conn, self._config.connect_timeout)
+            except BaseException:
+                conn.terminate()
+                raise
+        except Exception:
+            self._connect_errors += 1
+            raise
+        self._created += 1
+        if started > self._server_started_at:
+            if self._server_started_at:
+                self._server_restarts += 1
+                self._invalidate_older_idle(started)
+            self._server_started_at = started
+        now = _monotonic()
+        expires = lifetime_deadline(now, self._config.max_lifetime, self._config.lifetime_jitter)
+        return Record(conn, self, now=now, expires_at=expires, server_started_at=started)
+
+    def _invalidate_older_idle(self, started: float) -> None:
+        keep = [r for r in self._idle if r.server_started_at >= started]
+        for record in self._idle:
+            if record.server_started_at < started:
+                self._retire_idle(record, CloseReason.SERVER_RESTARTED)
+        self._idle = deque(keep)
+
+    def maintain(self) -> None:
+        """One maintenance pass (the background task calls it every interval): close idle
+        connections past their lifetime, or idle too long above ``min_size``; refill to
+        ``min_size``."""
+        if self._closing:
+            return
+        now = _monotonic()
+        keep: deque[Record] = deque()
+        total = self._total()
+        for record in self._idle:  # oldest-used first
+            if now >= record.expires_at:
+                reason: CloseReason | None = CloseReason.LIFETIME
+            elif record.server_started_at < self._server_started_at:
+                reason = CloseReason.SERVER_RESTARTED
+            elif now - record.idle_since > self._config.idle_timeout and total > self._min_size:
+                reason = CloseReason.IDLE
+            else:
+                reason = None
+            if reason is None:
+                keep.append(record)
+            else:
+                total -= 1
+                self._retire_idle(record, reason)
+        self._idle = keep
+        self._grow()
+
+    def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
+        return ConnectionFailed(
+            f"cannot connect to {self._config_target()}: {_driver.describe_error(exc, self._config)}",
+            node=self.name, state=self._state(),
+        )
+
+    def _config_target(self) -> str:
+        from .._secrets import dsn_target
+
+        return dsn_target(self._config.dsn)
+
+    def _track(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ stats
+
+    def _state(self) -> PoolState:
+        idle = len(self._idle)
+        return PoolState(
+            total=idle + self._n_in_use + self._n_opening, in_use=self._n_in_use, idle=idle,
+            waiting=len(self._waiters), max_size=self._max_size,
+        )
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the current counts and the cumulative counters."""
+        idle = len(self._idle)
+        total = idle + self._n_in_use + self._n_opening
+        c = self._config
+        return PoolStats(
+            name=c.name, min_size=c.min_size, pool_size=c.pool_size,
+            max_overflow=c.max_overflow, max_size=c.max_size, max_waiting=c.max_waiting,
+            connections=total, connections_idle=idle, connections_in_use=self._n_in_use,
+            connections_opening=self._n_opening,
+            connections_overflow=max(0, total - c.pool_size),
+            requests_waiting=len(self._waiters), closed=self._closing,
+            acquires_total=self._acquires, acquires_waited_total=self._waited,
+            acquire_wait_ms_total=self._wait_s * 1000.0, acquire_timeouts_total=self._timeouts,
+            acquire_refusals_total=self._refusals, acquire_cancelled_total=self._cancelled,
+            connections_created_total=self._created,
+            connection_errors_total=self._connect_errors,
+            connections_closed_total=dict(self._closed_by), pings_total=self._pings,
+            ping_failures_total=self._ping_failures, restores_total=self._restores,
+            server_restarts_total=self._server_restarts,
+        )
+
+    def __repr__(self) -> str:
+        status = "closed" if self._closing else ("open" if self._opened else "new")
+        return f"<Pool {self.name!r} {status} {self._state()}>"
+
+
+class Checkout:
+    """The async context manager returned by :meth:`Pool.connection`."""
+
+    __slots__ = ("_conn", "_deadline", "_pool", "_reset", "_timeout")
+
+    def __init__(
+        self, pool: Pool, timeout: float | None, deadline: float | None, reset: bool
+    ) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._deadline = deadline
+        self._reset = reset
+        self._conn: PooledConnection | None = None
+
+    async def __aenter__(self) -> PooledConnection:
+        self._conn = await self._pool.acquire(timeout=self._timeout, deadline=self._deadline)
+        return self._conn
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if e is not None and _driver.is_connection_lost(e):
+            record = self._pool._checked_out(conn)
+            if record is not None:
+                self._pool._connection_lost(record)
+            return
+        await self._pool.release(conn, reset=self._reset)
+
+
+async def _maintain_periodically(pool_ref: weakref.ref[Pool], interval: float) -> None:
+    """Background maintenance; holds only a weak reference so a forgotten pool can die."""
+    while True:
+        await asyncio.sleep(interval)
+        pool = pool_ref()
+        if pool is None or pool._closing:
+            return
+        pool.maintain()
+        del pool
