@@ -63,7 +63,11 @@ DEFAULT_USER = "poolwarden"
 DEFAULT_DATABASE = "poolwarden"
 LOOPBACK = "127.0.0.1"
 # Bump when the template recipe changes, so that old cached templates are not reused.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
+# Server directories go to RAM when there is plenty of it: a copy of the template onto a slow
+# disk costs seconds, onto tmpfs tens of milliseconds, and nothing here needs durability.
+RAM_DIR = Path("/dev/shm")
+RAM_DIR_MIN_FREE_BYTES = 2 * 1024**3
 PG_CTL_TIMEOUT_S = 60
 # A free port found by binding port 0 can be taken by someone else before the server binds it.
 START_ATTEMPTS = 3
@@ -84,7 +88,7 @@ class EmbeddedError(PoolwardenError):
 
 @dataclass(frozen=True, slots=True)
 class PgBinaries:
-    """The directory holding one PostgreSQL installation's server programs, and its major version."""
+    """Where one PostgreSQL installation keeps its server programs, and its major version."""
 
     bindir: Path
     major: int
@@ -94,11 +98,11 @@ class PgBinaries:
         return str(self.bindir / name)
 
 
-def find_binaries() -> PgBinaries:
+def find_binaries(search_root: Path = Path("/usr/lib/postgresql")) -> PgBinaries:
     """Locate PostgreSQL's server programs.
 
     Looks at ``$POOLWARDEN_PG_BIN``, then ``PATH`` (a directory with ``pg_ctl``, ``initdb`` and
-    ``postgres``), then the newest ``/usr/lib/postgresql/<version>/bin``.
+    ``postgres``), then the newest ``<search_root>/<version>/bin`` (Debian's layout).
 
     Raises :class:`EmbeddedError`, saying how to install PostgreSQL, when none is found.
     """
@@ -107,7 +111,7 @@ def find_binaries() -> PgBinaries:
         candidates.append(Path(env_bin))
     if on_path := shutil.which("pg_ctl"):
         candidates.append(Path(on_path).resolve().parent)
-    versioned = Path("/usr/lib/postgresql").glob("*/bin")
+    versioned = search_root.glob("*/bin")
     candidates.extend(sorted(versioned, key=_version_key, reverse=True))
     for bindir in candidates:
         if all((bindir / name).is_file() for name in ("pg_ctl", "initdb", "postgres")):
@@ -254,6 +258,8 @@ def _initdb(runner: _Runner, staging: Path, data: Path) -> None:
     runner.run(
         "initdb", "-D", str(data), "-U", SUPERUSER, "-E", "UTF8", "--locale=C",
         "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "--no-instructions",
+        # 1 MB WAL segments instead of 16: every server starts by copying one.
+        "--wal-segsize=1",
         cwd=staging,
     )  # fmt: skip
     (data / "pg_hba.conf").write_text(_PG_HBA)
@@ -285,6 +291,18 @@ def _initdb(runner: _Runner, staging: Path, data: Path) -> None:
     (data / "poolwarden.conf").unlink()
     with contextlib.suppress(FileNotFoundError):
         (data / "postmaster.opts").unlink()
+
+
+def _runtime_root() -> str | None:
+    """Where servers' directories go: ``$POOLWARDEN_RUNTIME_DIR``, a roomy tmpfs, or ``/tmp``."""
+    if env := os.environ.get("POOLWARDEN_RUNTIME_DIR"):
+        return env
+    try:
+        stat = os.statvfs(RAM_DIR)
+    except OSError:
+        return None
+    roomy = stat.f_bavail * stat.f_frsize >= RAM_DIR_MIN_FREE_BYTES
+    return str(RAM_DIR) if roomy and os.access(RAM_DIR, os.W_OK) else None
 
 
 def _write_settings(data: Path, settings: Mapping[str, str]) -> None:
@@ -444,7 +462,10 @@ class EmbeddedPostgres:
                 break
             except EmbeddedError:
                 port_taken = "could not bind" in self._log_tail()
-                if not (port_taken and self._requested_port is None) or attempt + 1 == START_ATTEMPTS:
+                if (
+                    not (port_taken and self._requested_port is None)
+                    or attempt + 1 == START_ATTEMPTS
+                ):
                     raise EmbeddedError(
                         f"PostgreSQL did not start on port {self._port}:\n{self._log_tail()}"
                     ) from None
@@ -488,7 +509,10 @@ class EmbeddedPostgres:
             raise
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.cleanup()
 
@@ -502,7 +526,10 @@ class EmbeddedPostgres:
             raise
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         import asyncio  # noqa: PLC0415
 
@@ -510,16 +537,21 @@ class EmbeddedPostgres:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def execute(self, sql: str, *, database: str | None = None) -> str:
-        """Run ``sql`` with ``psql`` as the superuser over the unix socket; return its output.
+    def execute(self, sql: str, *, database: str | None = None, as_user: bool = False) -> str:
+        """Run ``sql`` with ``psql`` over the unix socket; return its output.
 
-        Output is unaligned, tuples only, columns separated by ``|``, one row a line, stripped.
-        Raises :class:`EmbeddedError` on any SQL error (``ON_ERROR_STOP``).
+        Runs as the superuser, or with ``as_user`` as the application user (``SET ROLE``) — use
+        that to create objects the application must own. Output is unaligned, tuples only,
+        columns separated by ``|``, one row a line, stripped. Raises :class:`EmbeddedError` on
+        any SQL error (``ON_ERROR_STOP``).
         """
+        commands = ["-c", sql]
+        if as_user:
+            commands = ["-c", f"SET ROLE {_quote_ident(self.user)}", *commands]
         result = self._runner.run(
             "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
             "-h", str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER,
-            "-d", database or self.database, "-c", sql,
+            "-d", database or self.database, *commands,
             cwd=self._base_dir(), check=False,
         )  # fmt: skip
         if result.returncode != 0:
@@ -601,9 +633,7 @@ class EmbeddedPostgres:
         target = self._primary.execute("SELECT pg_current_wal_insert_lsn()")
         deadline = time.monotonic() + timeout
         while True:
-            caught_up = self.execute(
-                f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"
-            )
+            caught_up = self.execute(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn")
             if caught_up == "t":
                 return
             if time.monotonic() > deadline:
@@ -618,8 +648,8 @@ class EmbeddedPostgres:
         return self._base
 
     def _make_base(self) -> Path:
-        # Short path under /tmp: a unix socket path must stay under ~100 bytes.
-        base = Path(tempfile.mkdtemp(prefix="pw-pg-"))
+        # A short path: a unix socket path must stay under ~100 bytes.
+        base = Path(tempfile.mkdtemp(prefix="pw-pg-", dir=_runtime_root()))
         (base / "sock").mkdir()
         self._runner.own(base)
         self._base = base
@@ -671,7 +701,9 @@ class EmbeddedPostgres:
         _write_settings(self.data_dir, {k: _conf_value(v) for k, v in settings.items()})
         self._runner.own(self.data_dir / "poolwarden.conf")
 
-    def _pg_ctl(self, action: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _pg_ctl(
+        self, action: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         wait = ["-w", "-t", str(PG_CTL_TIMEOUT_S)] if action != "status" else []
         return self._runner.run(
             "pg_ctl", action, *wait, "-D", str(self.data_dir), *args,

@@ -30,6 +30,7 @@ from .config import PoolConfig, ResetPolicy
 from .stats import PoolStats
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from types import TracebackType
 
 _monotonic = time.monotonic
@@ -48,13 +49,17 @@ class Pool:
         self._config = config
         self._idle: deque[Record] = deque()  # right end = most recently used (LIFO reuse)
         self._waiters: deque[Waiter] = deque()  # left end = oldest
+        self._records: set[Record] = set()  # every open connection; changed on open/close only
         self._n_in_use = 0
         self._n_opening = 0
         self._opened = False
         self._closing = False
         self._closed = False
         self._drained: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Background work cancelled on close (connect attempts, maintenance) and I/O that
+        # close() waits for instead (closing connections, restores that return a slot).
+        self._workers: set[asyncio.Task[None]] = set()
+        self._io: set[asyncio.Task[None]] = set()
         self._backoff = Backoff(config.reconnect_initial_delay, config.reconnect_max_delay)
         self._last_error: BaseException | None = None
         self._server_started_at = 0.0
@@ -107,7 +112,7 @@ class Pool:
         if self._opened:
             return
         self._opened = True
-        self._track(_maintain_periodically(weakref.ref(self), self._config.maintenance_interval))
+        self._spawn(_maintain_periodically(weakref.ref(self), self._config.maintenance_interval))
         if not wait:
             self._grow()
             return
@@ -142,11 +147,17 @@ class Pool:
                     await self._drained.wait()
             except TimeoutError:
                 pass
-        for task in list(self._tasks):
+        for task in list(self._workers):
             if task is not asyncio.current_task():
                 task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=max(timeout, 1.0))
+        for record in list(self._records):
+            if record.state is ConnState.IN_USE:
+                # Still held after the drain timeout: cut it off; a late release is ignored.
+                record.conn.terminate()
+                self._retire(record, CloseReason.POOL_CLOSED)
+        pending = (self._workers | self._io) - {asyncio.current_task()}
+        if pending:
+            await asyncio.wait(pending, timeout=max(timeout, self._config.release_timeout))
         self._closed = True
 
     async def __aenter__(self) -> Pool:
@@ -221,6 +232,11 @@ class Pool:
             self._n_in_use += 1
             if now >= record.expires_at:
                 self._retire(record, CloseReason.LIFETIME)
+                continue
+            if _driver.is_closed(record.conn):
+                # The server closed it while idle (terminated backend, restart): asyncpg saw
+                # the EOF already, so this costs no round trip.
+                self._connection_lost(record)
                 continue
             if record.server_started_at < self._server_started_at:
                 self._retire(record, CloseReason.SERVER_RESTARTED)
@@ -405,6 +421,7 @@ class Pool:
 
     def _close_record(self, record: Record, reason: CloseReason) -> None:
         record.state = ConnState.CLOSED
+        self._records.discard(record)
         self._closed_by[reason.value] += 1
         self._track(_driver.close_quietly(record.conn, self._config.release_timeout))
 
@@ -424,7 +441,7 @@ class Pool:
             self._n_opening += 1
             total += 1
             wanted -= 1
-            self._track(self._open_one())
+            self._spawn(self._open_one())
 
     async def _open_one(self) -> None:
         try:
@@ -471,7 +488,9 @@ class Pool:
             self._server_started_at = started
         now = _monotonic()
         expires = lifetime_deadline(now, self._config.max_lifetime, self._config.lifetime_jitter)
-        return Record(conn, self, now=now, expires_at=expires, server_started_at=started)
+        record = Record(conn, self, now=now, expires_at=expires, server_started_at=started)
+        self._records.add(record)
+        return record
 
     def _invalidate_older_idle(self, started: float) -> None:
         keep = [r for r in self._idle if r.server_started_at >= started]
@@ -517,10 +536,17 @@ class Pool:
 
         return dsn_target(self._config.dsn)
 
-    def _track(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        """Run background work that close() cancels."""
+        task = asyncio.ensure_future(coro)
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    def _track(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """Run I/O that must finish even if its caller is cancelled; close() awaits it."""
+        task = asyncio.ensure_future(coro)
+        self._io.add(task)
+        task.add_done_callback(self._io.discard)
         return task
 
     # ------------------------------------------------------------------ stats

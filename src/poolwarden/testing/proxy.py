@@ -86,6 +86,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._mode = ProxyMode.PASS
         self._delay_s = 0.0
         # Set while traffic may flow; cleared by blackhole(). Pumps wait on it before writing.
@@ -185,13 +186,12 @@ class FaultProxy:
     async def start(self) -> Self:
         """Start listening. Returns at once; the proxy then serves in the background."""
         if self._server is None:
-            self._server = await asyncio.start_server(
-                self._on_client, LOOPBACK, self._listen_port
-            )
+            self._server = await asyncio.start_server(self._on_client, LOOPBACK, self._listen_port)
         return self
 
     async def close(self) -> None:
         """Stop listening, close every connection and wait for all of the proxy's tasks."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for link in list(self._links):
@@ -208,7 +208,10 @@ class FaultProxy:
         return await self.start()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -217,6 +220,10 @@ class FaultProxy:
     def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback (not a coroutine) so that the handler task is ours to track and
         # cancel on close(); asyncio.Server in 3.11 does not wait for its handlers.
+        if self._closing:
+            # Accepted just before close() and delivered just after it: nobody would serve it.
+            _abort_with_rst(writer)
+            return
         self.connections_accepted += 1
         if self._mode is ProxyMode.REFUSE:
             self.connections_refused += 1
