@@ -1,0 +1,155 @@
+"""The performance bar of issue 3, checked against one run's figures.
+
+Each check compares medians (or paired per-round ratios) of the same run; a check whose
+figures are missing (a system skipped, a point not in the profile) says so instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .results import Results, Series
+from .stats import TIMES
+
+OURS = "poolwarden"
+PEERS = ("asyncpg", "asyncpg-noreset", "sqlalchemy", "psycopg")
+OVERLOAD_CAPACITY = 1000.0  # pool 10 / 10 ms per request
+A64, B1, B10, B64, B256 = "a C=64 P=10", "b C=1 P=10", "b C=10 P=10", "b C=64 P=10", "b C=256 P=10"
+BARE, IDEAL10, OVERLOAD = "limit C=1 P=1", "limit C=10 P=10", "c C=500 P=10"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    criterion: str
+    measured: str
+    target: str
+    ok: bool | None  # None: not measured in this run
+
+
+def _missing(criterion: str, target: str, why: str = "not measured") -> Check:
+    return Check(criterion, why, target, None)
+
+
+def _at_least(
+    criterion: str, value: float | None, bound: float, target: str, fmt: str = TIMES + "{:.2f}"
+) -> Check:
+    if value is None:
+        return _missing(criterion, target)
+    return Check(criterion, fmt.format(value), target, value >= bound)
+
+
+def _at_most(criterion: str, value: float | None, bound: float, target: str, fmt: str) -> Check:
+    if value is None:
+        return _missing(criterion, target)
+    return Check(criterion, fmt.format(value), target, value <= bound)
+
+
+def _ratio(results: Results, a: Series | None, b: Series | None) -> float | None:
+    spread = results.ratio(a, b)
+    return spread.median if spread else None
+
+
+def checks(results: Results) -> list[Check]:
+    """Every criterion of the bar, in the issue's order."""
+    get = results.get
+    out: list[Check] = []
+
+    ours_a, peers_a = get(A64, OURS), [s for p in PEERS if (s := get(A64, p))]
+    best_peer = max((s.median("throughput") or 0.0 for s in peers_a), default=0.0)
+    ours_a_tp = ours_a.median("throughput") if ours_a else None
+    out.append(
+        _at_least(
+            "a. acquire+release C=64: poolwarden / best peer",
+            ours_a_tp / best_peer if ours_a_tp and best_peer else None,
+            1.5,
+            f"≥ {TIMES}1.5",
+        )
+    )
+    out.append(
+        _at_least(
+            "b. SELECT 1 C=1: poolwarden / bare connection",
+            _ratio(results, get(B1, OURS), get(BARE, "bare")),
+            0.9,
+            f"≥ {TIMES}0.90",
+        )
+    )
+    out.append(
+        _at_least(
+            "b. SELECT 1 C=10 P=10: poolwarden / no-pool ideal P=10",
+            _ratio(results, get(B10, OURS), get(IDEAL10, "ideal")),
+            0.9,
+            f"≥ {TIMES}0.90",
+        )
+    )
+    out.append(
+        _at_least(
+            "b. SELECT 1 C=64 P=10: poolwarden / no-pool ideal P=10",
+            _ratio(results, get(B64, OURS), get(IDEAL10, "ideal")),
+            0.85,
+            f"≥ {TIMES}0.85",
+        )
+    )
+    for key in (B64, B256):
+        series = get(key, OURS)
+        tail = None
+        if series is not None:
+            tail_spread = results.ratio(series, series, "p99_ms", "p50_ms")
+            tail = tail_spread.median if tail_spread else None
+        out.append(
+            _at_most(f"b. {key}: poolwarden p99 / p50 (fair queue)", tail, 2.0, "≤ 2", "{:.2f}")
+        )
+    out.extend(
+        _at_least(
+            f"b. {key}: poolwarden SQLAlchemy / SQLAlchemy",
+            _ratio(results, get(key, "poolwarden-sqla"), get(key, "sqlalchemy")),
+            1.2,
+            f"≥ {TIMES}1.2",
+        )
+        for key in (B1, B64)
+    )
+    for name in (OURS, "poolwarden-shed"):
+        series = get(OVERLOAD, name)
+        label = f"c. overload, {name}"
+        if series is None:
+            out.append(_missing(f"{label}: goodput", "≥ 970/s"))
+            continue
+        goodput = series.median("throughput")
+        out.append(
+            _at_least(
+                f"{label}: goodput",
+                goodput,
+                0.97 * OVERLOAD_CAPACITY,
+                "≥ 970/s (97% of 1000/s)",
+                "{:.0f}/s",
+            )
+        )
+        out.append(
+            _at_most(
+                f"{label}: p50 of served", series.median("p50_ms"), 50.0, "≤ 50 ms", "{:.1f} ms"
+            )
+        )
+        late = series.spread("late_acquires")
+        out.append(
+            _at_most(
+                f"{label}: served after the budget (worst round)",
+                late.high if late else None,
+                0,
+                "0",
+                "{:.0f}",
+            )
+        )
+        shed = series.spread("shed_p99_ms")
+        if shed is None:
+            out.append(_missing(f"{label}: p99 time-to-refusal", "≤ 5 ms", "nothing was shed"))
+        else:
+            out.append(
+                _at_most(f"{label}: p99 time-to-refusal", shed.median, 5.0, "≤ 5 ms", "{:.1f} ms")
+            )
+    out.append(
+        _missing(
+            "d. all observability on: throughput cost",
+            "≤ 3%",
+            "not yet available (observability lands in a later issue)",
+        )
+    )
+    return out

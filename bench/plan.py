@@ -1,0 +1,126 @@
+"""What one run measures: the profiles (full, quick) and the interleaved rounds of tasks.
+
+A round measures every (point, participant) once, participants of a point back to back
+(A B C D); the run repeats the round, so each figure has one sample per round and slow
+drifts of a shared machine hit every system alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .limits import PGBENCH_SCRIPTS, Pgbench
+from .systems import System
+from .workloads import Point, Timing, measure_owned, measure_system
+
+OVERLOAD_CALLERS = 500
+HOLD_CONCURRENCIES = (1, 64)
+HOLD_POOL = 10
+OVERLOAD_POOL = 10
+PGBENCH_CLIENTS = (10, 64)
+# Workload c: a caller refused at once waits this long before its next request (a client
+# honouring a short Retry-After). With no pause, 490 refused callers would spin and the
+# benchmark would measure the cost of generating refusals in this process instead.
+SHED_PAUSE_S = 0.1
+BARE = "bare"
+IDEAL = "ideal"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    rounds: int
+    timing: Timing
+    pool_sizes: tuple[int, ...]  # workload b
+    concurrencies: tuple[int, ...]  # workload b
+
+
+FULL = Profile(
+    name="full",
+    rounds=3,
+    timing=Timing(
+        warmup_s=0.5,
+        duration_s=1.5,
+        overload_warmup_s=1.0,
+        overload_s=10.0,
+        pgbench_s=5,
+        shed_pause_s=SHED_PAUSE_S,
+    ),
+    pool_sizes=(10, 20),
+    concurrencies=(1, 10, 16, 64, 256),
+)
+QUICK = Profile(
+    name="quick",
+    rounds=2,
+    timing=Timing(
+        warmup_s=0.3,
+        duration_s=0.7,
+        overload_warmup_s=0.5,
+        overload_s=3.0,
+        pgbench_s=2,
+        shed_pause_s=SHED_PAUSE_S,
+    ),
+    pool_sizes=(10,),
+    concurrencies=(1, 10, 64, 256),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One participant at one point; ``run()`` measures it once and returns its figures."""
+
+    point: Point
+    participant: str
+    run: Callable[[], dict[str, Any]]
+
+
+def b_points(profile: Profile) -> list[Point]:
+    """Workload b's grid; C=1 only once (the pool size does not matter to one caller)."""
+    points = []
+    for size in profile.pool_sizes:
+        for c in profile.concurrencies:
+            if c == 1 and size != profile.pool_sizes[0]:
+                continue
+            points.append(Point("b", c, size))
+    return points
+
+
+def one_round(
+    profile: Profile, systems: Sequence[System], dsn: str, pgbench: Pgbench | None
+) -> list[Task]:
+    """Every task of one round, in the order they run."""
+    timing = profile.timing
+    tasks: list[Task] = []
+
+    def pools_at(point: Point) -> None:
+        tasks.extend(
+            Task(point, system.key, lambda s=system, p=point: measure_system(s, p, dsn, timing))
+            for system in systems
+            if point.workload in system.workloads
+        )
+
+    def owned(point: Point, name: str) -> None:
+        tasks.append(Task(point, name, lambda p=point: measure_owned(p, dsn, timing)))
+
+    for c in HOLD_CONCURRENCIES:
+        pools_at(Point("a", c, HOLD_POOL))
+    owned(Point("limit", 1, 1), BARE)
+    for size in profile.pool_sizes:
+        owned(Point("limit", size, size), IDEAL)
+    for point in b_points(profile):
+        pools_at(point)
+    pools_at(Point("c", OVERLOAD_CALLERS, OVERLOAD_POOL))
+    if pgbench is not None:
+        bench = pgbench
+        tasks.extend(
+            Task(
+                Point("pgbench", clients, 0),
+                script.key,
+                lambda s=script, c=clients: bench.run(s, c, timing.pgbench_s),
+            )
+            for clients in PGBENCH_CLIENTS
+            for script in PGBENCH_SCRIPTS
+        )
+    return tasks

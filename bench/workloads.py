@@ -1,0 +1,118 @@
+"""The workloads (a, b, c), the points they are measured at, and one measurement.
+
+A measurement is one system at one point for one repetition, in a fresh event loop with a
+freshly opened pool: open, warm up, record for a fixed window, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .drive import Samples, closed_loop
+from .limits import owned_connections
+from .stats import percentile
+from .systems import PoolSpec, System
+
+BUDGET_S = 1.0  # workload c: the caller's acquire budget
+NO_BUDGET_S = 60.0  # workloads a and b: never time out, just measure
+
+WORKLOADS = {
+    "a": "acquire + release, no query (connection held across one event-loop turn)",
+    "b": "SELECT 1 per acquire",
+    "c": "overload: SELECT pg_sleep(0.01) per acquire, acquire budget 1 s",
+    "d": "instrumentation overhead: poolwarden observability on vs off",
+    "limit": "limits of this client: bare connection (C=1), P tasks owning P connections",
+    "pgbench": "the server's own limit (pgbench, separate process)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """Where a figure is measured: a workload, a concurrency (tasks) and a pool size."""
+
+    workload: str
+    concurrency: int
+    pool_size: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload} C={self.concurrency} P={self.pool_size}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    warmup_s: float
+    duration_s: float
+    overload_warmup_s: float
+    overload_s: float
+    pgbench_s: int
+    shed_pause_s: float
+
+
+def _ms(ns: float | None) -> float | None:
+    return ns / 1e6 if ns is not None else None
+
+
+def metrics(samples: Samples, *, overload: bool = False) -> dict[str, Any]:
+    """The figures of one measurement: throughput in ops/s, latencies in ms."""
+    out: dict[str, Any] = {
+        "throughput": len(samples.total_ns) / samples.window_s,
+        "p50_ms": _ms(percentile(samples.total_ns, 50)),
+        "p99_ms": _ms(percentile(samples.total_ns, 99)),
+        "wait_p99_ms": _ms(percentile(samples.wait_ns, 99)),
+        "errors": samples.errors,
+    }
+    if samples.first_error:
+        out["first_error"] = samples.first_error
+    if overload:
+        out |= {
+            "timeouts": samples.timeouts,
+            "refusals": samples.refusals,
+            "timeouts_per_s": samples.timeouts / samples.window_s,
+            "refusals_per_s": samples.refusals / samples.window_s,
+            "shed_p99_ms": _ms(percentile(samples.shed_ns, 99)),
+            "late_acquires": samples.late_acquires,
+            "late_finishes": samples.late_finishes,
+        }
+    return out
+
+
+async def _measure_system(system: System, point: Point, dsn: str, timing: Timing) -> Samples:
+    overload = point.workload == "c"
+    spec = PoolSpec(point.pool_size, BUDGET_S if overload else NO_BUDGET_S)
+    client = await system.open(dsn, spec)
+    try:
+        op = {"a": client.hold, "b": client.select1, "c": client.sleep}[point.workload]
+        return await closed_loop(
+            [op] * point.concurrency,
+            warmup_s=timing.overload_warmup_s if overload else timing.warmup_s,
+            duration_s=timing.overload_s if overload else timing.duration_s,
+            budget_s=BUDGET_S if overload else None,
+            shed_pause_s=timing.shed_pause_s if overload else 0.0,
+        )
+    finally:
+        await client.close()
+
+
+def measure_system(system: System, point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
+    """One measurement of a pool, in its own event loop."""
+    gc.collect()
+    samples = asyncio.run(_measure_system(system, point, dsn, timing))
+    return metrics(samples, overload=point.workload == "c")
+
+
+def measure_owned(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
+    """One measurement of a limit: ``point.concurrency`` tasks each owning a connection."""
+    gc.collect()
+    samples = asyncio.run(
+        owned_connections(
+            dsn, point.concurrency, warmup_s=timing.warmup_s, duration_s=timing.duration_s
+        )
+    )
+    return metrics(samples)

@@ -1,0 +1,180 @@
+"""The facade applications use: ``Database``.
+
+One ``Database`` owns one pool per database node and, on demand, a SQLAlchemy engine on the
+primary's pool. Today it has one node, the primary; the node is chosen in one place
+(:meth:`Database._node`) so that a router for replicas and named databases can be put
+behind it without changing this API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from .errors import PoolClosed
+from .pool import Checkout, Pool, PoolConfig, PooledConnection, PoolStats
+from .settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+PRIMARY = "primary"
+
+
+class Database:
+    """PostgreSQL for an asyncio service: pools, SQLAlchemy sessions, stats.
+
+    ``async with Database.from_env() as db:`` opens the pools (warmed to their minimum)
+    and closes them, draining in-flight work, on exit. All methods raise the errors of
+    :mod:`poolwarden.errors` for pool trouble and asyncpg's own errors for SQL errors.
+    """
+
+    def __init__(
+        self, settings: DatabaseSettings | PoolConfig, *, engine_options: Mapping[str, Any] | None = None
+    ) -> None:
+        if isinstance(settings, DatabaseSettings):
+            self.settings: DatabaseSettings | None = settings
+            config = settings.pool_config(PRIMARY)
+            echo = settings.echo
+        else:
+            self.settings = None
+            config = settings
+            echo = False
+        self._pools: dict[str, Pool] = {config.name: Pool(config)}
+        self._primary = self._pools[config.name]
+        self._engine_options: dict[str, Any] = {"echo": echo, **(engine_options or {})}
+        self._engine: AsyncEngine | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Database:
+        """Build from ``DATABASE_URL`` and the ``DB_*`` variables (or ``env`` when given).
+
+        Raises :class:`~poolwarden.errors.ConfigurationError` naming every invalid variable.
+        """
+        return cls(DatabaseSettings.from_env(env, **overrides))
+
+    @classmethod
+    def from_url(cls, url: str, **pool_options: Any) -> Database:
+        """Build from a URL and :class:`PoolConfig` options (``pool_size=...`` etc.)."""
+        return cls(PoolConfig(dsn=url, **pool_options))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Open every pool (fails fast with ``ConnectionFailed`` if a node is unreachable)."""
+        for pool in self._pools.values():
+            await pool.open()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop admitting work, drain in-flight work up to ``timeout`` seconds, close all."""
+        if self._engine is not None:
+            await self._engine.dispose()
+        for pool in self._pools.values():
+            await pool.close(timeout)
+
+    async def __aenter__(self) -> Database:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ raw asyncpg path
+
+    def _node(self, *, read_only: bool = False) -> Pool:
+        """The pool that serves this work. One node for now: the primary serves all."""
+        return self._primary
+
+    @property
+    def pool(self) -> Pool:
+        """The primary's pool core."""
+        return self._primary
+
+    def connection(
+        self, *, timeout: float | None = None, deadline: float | None = None, reset: bool = False,
+        read_only: bool = False,
+    ) -> Checkout:
+        """``async with db.connection() as conn:`` — an ``asyncpg.Connection`` for the block.
+
+        See :meth:`Pool.connection` for ``timeout``, ``deadline`` and ``reset``.
+        """
+        return self._node(read_only=read_only).connection(
+            timeout=timeout, deadline=deadline, reset=reset
+        )
+
+    @asynccontextmanager
+    async def transaction(
+        self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[PooledConnection]:
+        """``async with db.transaction() as conn:`` — commits when the block succeeds, rolls
+        back when it raises (or is cancelled)."""
+        async with self.connection(timeout=timeout, read_only=readonly) as conn, conn.transaction(
+            isolation=isolation, readonly=readonly, deferrable=deferrable
+        ):
+            yield conn
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        """Run one statement on a pooled connection; returns the status (e.g. ``INSERT 0 1``)."""
+        async with self._primary.connection() as conn:
+            result: str = await conn.execute(query, *args, timeout=timeout)
+            return result
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        async with self._primary.connection() as conn:
+            return list(await conn.fetch(query, *args, timeout=timeout))
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        async with self._primary.connection() as conn:
+            return await conn.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(
+        self, query: str, *args: Any, column: int = 0, timeout: float | None = None
+    ) -> Any:
+        async with self._primary.connection() as conn:
+            return await conn.fetchval(query, *args, column=column, timeout=timeout)
+
+    # ------------------------------------------------------------------ SQLAlchemy path
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """A SQLAlchemy ``AsyncEngine`` whose connections come from the primary's pool core
+        (same limits, fairness, stats and errors as the raw path). Created on first use;
+        needs the ``sqlalchemy`` extra."""
+        if self._engine is None:
+            from .sqlalchemy import create_async_engine_on
+
+            self._engine = create_async_engine_on(self._primary, **self._engine_options)
+        return self._engine
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """``async with db.session() as session:`` — an ``AsyncSession`` that commits when
+        the block succeeds and rolls back when it raises; its connection goes back to the
+        pool when the block ends."""
+        if self._primary.stats().closed:
+            raise PoolClosed("database is closed", node=self._primary.name)
+        if self._sessions is None:
+            from .sqlalchemy import session_factory
+
+            self._sessions = session_factory(self.engine)
+        from .sqlalchemy import session_scope
+
+        async with session_scope(self._sessions) as session:
+            yield session
+
+    # ------------------------------------------------------------------ observability
+
+    def stats(self) -> dict[str, PoolStats]:
+        """A stats snapshot of every node's pool, by node name."""
+        return {name: pool.stats() for name, pool in self._pools.items()}
+
+    def __repr__(self) -> str:
+        nodes = ", ".join(repr(pool) for pool in self._pools.values())
+        return f"<Database [{nodes}]>"

@@ -1,0 +1,79 @@
+"""The ``Database`` facade on a real PostgreSQL: from_env, raw helpers, transactions, stats."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from poolwarden import ConfigurationError, PoolClosed
+from poolwarden.database import Database
+from poolwarden.embedded import EmbeddedPostgres
+
+
+def env_for(pg: EmbeddedPostgres, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": pg.dsn, "DB_POOL_SIZE": "4", "DB_POOL_MIN_SIZE": "2", **extra}
+
+
+async def test_from_env_opens_warm_pools_and_reports_stats_by_node(pg: EmbeddedPostgres) -> None:
+    async with Database.from_env(env_for(pg, DB_APPLICATION_NAME="facade-test")) as db:
+        stats = db.stats()
+        assert list(stats) == ["primary"]
+        assert stats["primary"].connections == 2
+        assert await db.fetchval("SELECT current_setting('application_name')") == "facade-test"
+        assert "primary" in repr(db)
+        assert pg.password not in repr(db)
+        assert pg.password not in repr(db.settings)
+
+
+async def test_raw_helpers_execute_fetch_fetchrow_fetchval(
+    pg: EmbeddedPostgres, unique_name: str
+) -> None:
+    async with Database.from_env(env_for(pg)) as db:
+        assert await db.execute(f"CREATE TABLE {unique_name} (id int, name text)") == "CREATE TABLE"
+        assert await db.execute(f"INSERT INTO {unique_name} VALUES ($1, $2)", 1, "a") == "INSERT 0 1"
+        rows = await db.fetch(f"SELECT id, name FROM {unique_name}")
+        assert [tuple(r) for r in rows] == [(1, "a")]
+        row = await db.fetchrow(f"SELECT name FROM {unique_name} WHERE id = $1", 1)
+        assert row is not None
+        assert row["name"] == "a"
+        assert await db.fetchval(f"SELECT count(*) FROM {unique_name}") == 1
+        assert db.stats()["primary"].connections_in_use == 0
+
+
+async def test_transaction_commits_on_success_and_rolls_back_on_error(
+    pg: EmbeddedPostgres, unique_name: str
+) -> None:
+    async with Database.from_env(env_for(pg)) as db:
+        await db.execute(f"CREATE TABLE {unique_name} (id int PRIMARY KEY)")
+        async with db.transaction() as conn:
+            await conn.execute(f"INSERT INTO {unique_name} VALUES (1)")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with db.transaction() as conn:
+                await conn.execute(f"INSERT INTO {unique_name} VALUES (2)")
+                await conn.execute(f"INSERT INTO {unique_name} VALUES (1)")
+        assert await db.fetchval(f"SELECT array_agg(id) FROM {unique_name}") == [1]
+        async with db.transaction(isolation="serializable", readonly=True) as conn:
+            assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+            assert await conn.fetchval("SHOW transaction_read_only") == "on"
+
+
+async def test_closed_database_refuses_work(pg: EmbeddedPostgres) -> None:
+    db = Database.from_env(env_for(pg))
+    await db.open()
+    await db.close()
+    with pytest.raises(PoolClosed):
+        await db.fetchval("SELECT 1")
+
+
+def test_from_env_reports_bad_configuration_with_variable_names() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Database.from_env({"DATABASE_URL": "mysql://u:topsecret@h/db", "DB_POOL_SIZE": "zero"})
+    variables = {p.variable for p in caught.value.problems}
+    assert {"DATABASE_URL", "DB_POOL_SIZE"} <= variables
+    assert "topsecret" not in str(caught.value)
+
+
+async def test_from_url_takes_pool_options(pg: EmbeddedPostgres) -> None:
+    async with Database.from_url(pg.dsn, pool_size=3, min_size=1, name="orders") as db:
+        assert list(db.stats()) == ["orders"]
+        assert db.stats()["orders"].max_size == 3 + db.pool.config.max_overflow
