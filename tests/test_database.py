@@ -29,8 +29,10 @@ async def test_raw_helpers_execute_fetch_fetchrow_fetchval(
     pg: EmbeddedPostgres, unique_name: str
 ) -> None:
     async with Database.from_env(env_for(pg)) as db:
-        assert await db.execute(f"CREATE TABLE {unique_name} (id int, name text)") == "CREATE TABLE"
-        assert await db.execute(f"INSERT INTO {unique_name} VALUES ($1, $2)", 1, "a") == "INSERT 0 1"
+        created = await db.execute(f"CREATE TABLE {unique_name} (id int, name text)")
+        assert created == "CREATE TABLE"
+        inserted = await db.execute(f"INSERT INTO {unique_name} VALUES ($1, $2)", 1, "a")
+        assert inserted == "INSERT 0 1"
         rows = await db.fetch(f"SELECT id, name FROM {unique_name}")
         assert [tuple(r) for r in rows] == [(1, "a")]
         row = await db.fetchrow(f"SELECT name FROM {unique_name} WHERE id = $1", 1)

@@ -14,8 +14,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
-from pool_helpers import assert_clean, open_pool, server_sessions
 
+from pool_helpers import assert_clean, open_pool, server_sessions
 from poolwarden import Pool
 from poolwarden.embedded import EmbeddedPostgres
 

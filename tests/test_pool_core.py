@@ -7,8 +7,8 @@ import time
 
 import asyncpg
 import pytest
-from pool_helpers import assert_clean, config_for, open_pool, server_sessions
 
+from pool_helpers import assert_clean, config_for, open_pool, server_sessions
 from poolwarden import (
     ConnectionFailed,
     Pool,
@@ -187,14 +187,13 @@ async def test_connection_setup_applies_timezone_timeouts_and_application_name(
     async with open_pool(
         pg, statement_timeout=2.5, lock_timeout=1, idle_in_transaction_timeout=60, init=init,
         timezone="UTC",
-    ) as pool:
-        async with pool.connection() as conn:
-            settings = await conn.fetchrow(
-                "SELECT current_setting('TimeZone') tz, current_setting('statement_timeout') st,"
-                " current_setting('lock_timeout') lt,"
-                " current_setting('idle_in_transaction_session_timeout') it,"
-                " current_setting('application_name') app, current_setting('search_path') sp"
-            )
+    ) as pool, pool.connection() as conn:
+        settings = await conn.fetchrow(
+            "SELECT current_setting('TimeZone') tz, current_setting('statement_timeout') st,"
+            " current_setting('lock_timeout') lt,"
+            " current_setting('idle_in_transaction_session_timeout') it,"
+            " current_setting('application_name') app, current_setting('search_path') sp"
+        )
     assert settings is not None
     assert settings["tz"] == "UTC"
     assert settings["st"] == "2500ms"

@@ -9,8 +9,8 @@ import time
 
 import asyncpg
 import pytest
-from pool_helpers import assert_clean, config_for, open_pool, terminate
 
+from pool_helpers import assert_clean, config_for, open_pool, terminate
 from poolwarden import ConnectionFailed, Pool, PoolTimeout, PoolwardenError
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.testing import FaultProxy

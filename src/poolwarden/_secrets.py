@@ -14,9 +14,13 @@ MASK = "***"
 
 # userinfo in a URL: scheme://user:password@host — the password is everything between the
 # first ':' after '//' and the last '@' before the host (passwords may contain '@' and ':').
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@?#]*:)(?P<pw>.*)(?P<tail>@[^@]*$)")
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@?#]*:)(?P<pw>.*)(?P<tail>@[^@]*$)"
+)
 # key=value connection strings: password=secret or password='se cret'
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE
+)
 # ?password=... in a URL query
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#]*)", re.IGNORECASE)
 

@@ -21,7 +21,7 @@ console = Console()
 @app.command()
 def demo(
     seconds: Annotated[float, typer.Option(min=0.5, help="How long the workload runs.")] = 3.0,
-    workers: Annotated[int, typer.Option(min=1, help="Concurrent tasks (more than the pool).")] = 32,
+    workers: Annotated[int, typer.Option(min=1, help="Concurrent tasks (> pool size).")] = 32,
 ) -> None:
     """Run a short concurrent workload through the pool and show what happened.
 

@@ -33,7 +33,10 @@ class Database:
     """
 
     def __init__(
-        self, settings: DatabaseSettings | PoolConfig, *, engine_options: Mapping[str, Any] | None = None
+        self,
+        settings: DatabaseSettings | PoolConfig,
+        *,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(settings, DatabaseSettings):
             self.settings: DatabaseSettings | None = settings

@@ -86,7 +86,8 @@ class PoolTimeout(PoolError, TimeoutError):
         self, message: str, *, node: str, state: PoolState | None, waited_s: float
     ) -> None:
         self.waited_s = waited_s
-        super().__init__(f"{message} after waiting {waited_s * 1000:.0f} ms", node=node, state=state)
+        text = f"{message} after waiting {waited_s * 1000:.0f} ms"
+        super().__init__(text, node=node, state=state)
 
 
 class ConnectionFailed(PoolError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -141,8 +142,6 @@ def describe_error(exc: BaseException, config: PoolConfig) -> str:
 
 
 def _password_of(config: PoolConfig) -> str | None:
-    from urllib.parse import unquote, urlsplit
-
     try:
         raw = urlsplit(config.dsn).password
     except ValueError:

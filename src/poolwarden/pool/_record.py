@@ -37,11 +37,11 @@ class Record:
 
     __slots__ = (
         "acquired_at",
-        "pool",
         "conn",
         "created_at",
         "expires_at",
         "idle_since",
+        "pool",
         "server_started_at",
         "state",
         "verified_at",

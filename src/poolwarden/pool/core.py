@@ -14,12 +14,14 @@ handoff), so a newcomer can never overtake someone already waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import weakref
 from collections import Counter, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .._secrets import dsn_target
 from ..errors import ConnectionFailed, PoolClosed, PoolError, PoolExhausted, PoolState, PoolTimeout
 from . import _driver
 from ._driver import PooledConnection
@@ -178,7 +180,7 @@ class Pool:
     ) -> None:
         """Change the limits at runtime (validated like the configuration). Shrinking closes
         idle connections above the new size now and in-use ones as they are released."""
-        changes = {
+        changes: dict[str, Any] = {
             key: value
             for key, value in (
                 ("pool_size", pool_size),
@@ -251,7 +253,9 @@ class Pool:
             return record.conn
         return await self._wait(now, timeout, deadline)
 
-    async def _wait(self, now: float, timeout: float | None, deadline: float | None) -> PooledConnection:
+    async def _wait(
+        self, now: float, timeout: float | None, deadline: float | None
+    ) -> PooledConnection:
         if len(self._waiters) >= self._max_waiting:
             self._refusals += 1
             raise PoolExhausted(
@@ -297,10 +301,9 @@ class Pool:
         waiter.future.set_exception(error)
 
     def _forget(self, waiter: Waiter) -> None:
-        try:
+        # ValueError: already popped by a handoff it refused
+        with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)
-        except ValueError:
-            pass  # already popped by a handoff it refused
 
     async def _ping(self, record: Record) -> bool:
         """Ping an idle connection before reuse; on failure it is closed and ``False``
@@ -346,7 +349,8 @@ class Pool:
         if reset or self._always_reset or _driver.needs_restore(conn):
             # Shielded: if our caller is cancelled the restore still finishes and the slot
             # is still returned; the task is tracked so close() can wait for it.
-            await asyncio.shield(self._track(self._restore(record, full=reset or self._always_reset)))
+            full = reset or self._always_reset
+            await asyncio.shield(self._track(self._restore(record, full=full)))
             return
         self._reuse(record)
 
@@ -526,14 +530,13 @@ class Pool:
         self._grow()
 
     def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
+        reason = _driver.describe_error(exc, self._config)
         return ConnectionFailed(
-            f"cannot connect to {self._config_target()}: {_driver.describe_error(exc, self._config)}",
+            f"cannot connect to {self._config_target()}: {reason}",
             node=self.name, state=self._state(),
         )
 
     def _config_target(self) -> str:
-        from .._secrets import dsn_target
-
         return dsn_target(self._config.dsn)
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
