@@ -96,11 +96,17 @@ def checks(results: Results) -> list[Check]:
             tail_spread = results.ratio(series, series, "p99_ms", "p50_ms")
             tail = tail_spread.median if tail_spread else None
         out.append(
-            _at_most(f"b. {key}: poolwarden p99 / p50 (fair queue)", tail, 2.0, "≤ 2", "{:.2f}")
+            _at_most(
+                f"b. SELECT 1 {key[2:]}: poolwarden p99 / p50 (fair queue)",
+                tail,
+                2.0,
+                "≤ 2",
+                "{:.2f}",
+            )
         )
     out.extend(
         _at_least(
-            f"b. {key}: poolwarden SQLAlchemy / SQLAlchemy",
+            f"b. SELECT 1 {key[2:]}: poolwarden SQLAlchemy / SQLAlchemy",
             _ratio(results, get(key, "poolwarden-sqla"), get(key, "sqlalchemy")),
             1.2,
             f"≥ {TIMES}1.2",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .limits import PGBENCH_SCRIPTS, Pgbench
@@ -96,29 +97,30 @@ def one_round(
 
     def pools_at(point: Point) -> None:
         tasks.extend(
-            Task(point, system.key, lambda s=system, p=point: measure_system(s, p, dsn, timing))
+            Task(point, system.key, partial(measure_system, system, point, dsn, timing))
             for system in systems
             if point.workload in system.workloads
         )
 
     def owned(point: Point, name: str) -> None:
-        tasks.append(Task(point, name, lambda p=point: measure_owned(p, dsn, timing)))
+        tasks.append(Task(point, name, partial(measure_owned, point, dsn, timing)))
 
     for c in HOLD_CONCURRENCIES:
         pools_at(Point("a", c, HOLD_POOL))
+    # Each limit runs right before the b points it is compared with.
     owned(Point("limit", 1, 1), BARE)
     for size in profile.pool_sizes:
         owned(Point("limit", size, size), IDEAL)
-    for point in b_points(profile):
-        pools_at(point)
+        for point in b_points(profile):
+            if point.pool_size == size:
+                pools_at(point)
     pools_at(Point("c", OVERLOAD_CALLERS, OVERLOAD_POOL))
     if pgbench is not None:
-        bench = pgbench
         tasks.extend(
             Task(
                 Point("pgbench", clients, 0),
                 script.key,
-                lambda s=script, c=clients: bench.run(s, c, timing.pgbench_s),
+                partial(pgbench.run, script, clients, timing.pgbench_s),
             )
             for clients in PGBENCH_CLIENTS
             for script in PGBENCH_SCRIPTS

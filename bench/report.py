@@ -28,13 +28,17 @@ def _num(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
+def _ratio(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def _cell(spread: Spread | None, *, ratio: bool = False) -> str:
     if spread is None:
         return DASH
-    prefix = TIMES if ratio else ""
-    text = f"{prefix}{_num(spread.median)}"
+    fmt = _ratio if ratio else _num
+    text = f"{TIMES if ratio else ''}{fmt(spread.median)}"
     if spread.n > 1 and spread.low != spread.high:
-        text += f" ({_num(spread.low)}{DASH}{_num(spread.high)})"
+        text += f" ({fmt(spread.low)}{DASH}{fmt(spread.high)})"
     return text
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -94,6 +95,12 @@ def _brief(figures: dict[str, Any]) -> str:
     return text
 
 
+def _python() -> str:
+    """The interpreter as typed from the current directory (``.venv/bin/python``)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     profile = profile_of(args)
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "started": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
+        "command": shlex.join([_python(), "-m", "bench", *sys.argv[1:]]),
         "profile": profile.name,
         "timing": dataclasses.asdict(profile.timing),
         "target": target_text,

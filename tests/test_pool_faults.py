@@ -81,7 +81,8 @@ async def test_server_restart_under_load_recovers_with_no_stuck_callers(
                     outcomes["ok"] += 1
                     if restarted.is_set():
                         outcomes["ok_after_restart"] += 1
-                except (PoolwardenError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                except (PoolwardenError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                        asyncpg.InternalClientError, OSError):
                     outcomes["error"] += 1
                     await asyncio.sleep(0.01)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -16,9 +17,9 @@ CONNECTION_LOST = (ConnectionError, asyncpg.InterfaceError, asyncpg.PostgresConn
 SHORT_S = 0.3
 
 
-async def _wait_until(predicate: object, timeout: float = 5.0) -> None:
+async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
 
@@ -164,4 +165,4 @@ async def test_close_ends_connections_and_leaves_no_tasks(pg: EmbeddedPostgres) 
     conn.terminate()
     held[1].close()
     assert temp.connections_active == 0
-    assert asyncio.all_tasks() - before == {asyncio.current_task()} - before
+    assert asyncio.all_tasks() <= before  # every task the proxy started has finished

@@ -380,6 +380,7 @@ class EmbeddedPostgres:
         self._replicas: list[EmbeddedPostgres] = []
         # Password (and any non-default user/database) are set on the first start.
         self._provisioned = True
+        self._has_run = False
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -462,15 +463,15 @@ class EmbeddedPostgres:
                 break
             except EmbeddedError:
                 port_taken = "could not bind" in self._log_tail()
-                if (
-                    not (port_taken and self._requested_port is None)
-                    or attempt + 1 == START_ATTEMPTS
-                ):
+                # Only a port we picked, and never one a restart must keep, may be replaced.
+                may_move = self._requested_port is None and not self._has_run
+                if not (port_taken and may_move) or attempt + 1 == START_ATTEMPTS:
                     raise EmbeddedError(
                         f"PostgreSQL did not start on port {self._port}:\n{self._log_tail()}"
                     ) from None
                 self._port = free_port()
                 self._write_config()
+        self._has_run = True
         _LIVE.add(self)
         if not self._provisioned:
             # Until this runs nobody can log in over TCP: the role has no password yet.
@@ -479,7 +480,12 @@ class EmbeddedPostgres:
         return self
 
     def stop(self, mode: StopMode = "fast") -> None:
-        """Stop the server (no-op when it is not running). ``immediate`` simulates a crash."""
+        """Stop the server (no-op when it is not running). ``immediate`` simulates a crash.
+
+        Servers run with ``synchronous_commit=off``, so a crash may lose commits from the last
+        few milliseconds; a test that needs a write to survive one commits it with
+        ``SET synchronous_commit = on``.
+        """
         if self.is_running:
             self._pg_ctl("stop", "-m", mode)
 

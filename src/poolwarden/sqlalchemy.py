@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -155,10 +155,10 @@ class CorePool(_SAPool):
             record.core_conn = conn
         return record
 
-    def _adapt(self, connection_record: ConnectionPoolEntry) -> DBAPIConnection:
+    def _adapt(self, rec: ConnectionPoolEntry) -> DBAPIConnection:
         """The creator: wrap the record's core connection in the dialect's adapter (once per
         connection; SQLAlchemy then runs its connect events on it)."""
-        record = cast(_CoreRecord, connection_record)
+        record = cast(_CoreRecord, rec)
         conn = record.core_conn
         if conn is None:
             # SQLAlchemy recycles a record in place (soft invalidation): the old connection
@@ -253,14 +253,17 @@ class CorePool(_SAPool):
 _background: set[asyncio.Task[None]] = set()
 
 
-def _release_in_background(release: Any) -> None:
+def _release_in_background(release: Coroutine[Any, Any, None]) -> None:
     try:
-        task = asyncio.get_running_loop().create_task(release)
+        loop = asyncio.get_running_loop()
     except RuntimeError:
+        loop = None
+    if loop is None:
         release.close()
         logger.error("poolwarden: a connection was garbage-collected outside the event loop; "
                      "its pool slot could not be returned")
         return
+    task = loop.create_task(release)
     _background.add(task)
     task.add_done_callback(_background.discard)
 

@@ -42,6 +42,9 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,  # 57P02
     asyncpg.exceptions.CannotConnectNowError,  # 57P03 server starting up / shutting down
     asyncpg.exceptions.IdleSessionTimeoutError,
+    # The protocol is out of step with the server: seen when a FATAL (shutdown) arrives on
+    # an idle connection just before its socket closes. It cannot be trusted again.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
 )
