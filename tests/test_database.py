@@ -79,3 +79,23 @@ async def test_from_url_takes_pool_options(pg: EmbeddedPostgres) -> None:
     async with Database.from_url(pg.dsn, pool_size=3, min_size=1, name="orders") as db:
         assert list(db.stats()) == ["orders"]
         assert db.stats()["orders"].max_size == 3 + db.pool.config.max_overflow
+
+
+async def test_session_commits_on_success_rolls_back_on_error_on_the_same_pool(
+    pg: EmbeddedPostgres, unique_name: str
+) -> None:
+    from sqlalchemy import text
+
+    async with Database.from_env(env_for(pg)) as db:
+        await db.execute(f"CREATE TABLE {unique_name} (id int PRIMARY KEY)")
+        before = db.stats()["primary"].acquires_total
+        async with db.session() as session:
+            await session.execute(text(f"INSERT INTO {unique_name} VALUES (1)"))
+        with pytest.raises(RuntimeError):
+            async with db.session() as session:
+                await session.execute(text(f"INSERT INTO {unique_name} VALUES (2)"))
+                raise RuntimeError("boom")
+        assert await db.fetchval(f"SELECT array_agg(id) FROM {unique_name}") == [1]
+        stats = db.stats()["primary"]
+        assert stats.acquires_total - before >= 3  # both sessions came from the core
+        assert stats.connections_in_use == 0

@@ -145,6 +145,29 @@ async def test_limits_apply_a_third_session_waits_and_a_fourth_is_refused(
     assert stats.connections_in_use == 0
 
 
+async def test_a_session_cancelled_while_waiting_for_a_connection_leaks_no_slot(
+    pg: EmbeddedPostgres,
+) -> None:
+    async with open_pool(pg, pool_size=1, max_overflow=0) as core, engine_on(core) as engine:
+        release, started = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(hold_session(engine, started, release))
+        await started.wait()
+        waiter_started = asyncio.Event()
+        waiter = asyncio.create_task(hold_session(engine, waiter_started, release))
+        await until(lambda: core.stats().requests_waiting == 1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        release.set()
+        await holder
+        async with session_scope(session_factory(engine)) as session:  # the slot is there
+            assert await session.scalar(text("SELECT 1")) == 1
+        stats = core.stats()
+    assert not waiter_started.is_set()
+    assert stats.acquire_cancelled_total == 1
+    assert (stats.requests_waiting, stats.connections_in_use) == (0, 0)
+
+
 async def test_acquire_timeout_raises_pool_timeout_from_session_execute(
     pg: EmbeddedPostgres,
 ) -> None:

@@ -28,17 +28,20 @@ How the async engine is wired (SQLAlchemy 2.x pool hooks):
   raw path returns the same values on both paths whichever path touched it first.
 
 ``engine.dispose()`` forgets SQLAlchemy's per-connection state but does not close the core
-or its connections: whoever opened the core closes it.
+or its connections: whoever opened the core closes it. ``Connection.detach()`` is not
+supported: the core closes a detached connection (to own a connection, ``pool.acquire()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Coroutine, Mapping
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy
 from sqlalchemy.dialects import registry
@@ -72,6 +75,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 ASYNC_DRIVERNAME = "postgresql+poolwarden_asyncpg"
 """The URL driver name of engines built on a core (the asyncpg dialect, see the module doc)."""
@@ -147,7 +152,7 @@ class CorePool(_SAPool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         # Raises the core's PoolTimeout / PoolExhausted / PoolClosed as they are.
-        conn = await_(self._core.acquire())
+        conn = _run(self._core.acquire())
         record = self._records.get(conn)
         if record is None:
             record = self._adopt(conn, _CoreRecord(self, conn))
@@ -163,7 +168,7 @@ class CorePool(_SAPool):
         if conn is None:
             # SQLAlchemy recycles a record in place (soft invalidation): the old connection
             # went back to the core in _close_connection; take another.
-            conn = await_(self._core.acquire())
+            conn = _run(self._core.acquire())
             record.core_conn = conn
             self._adopt(conn, record)
 
@@ -188,7 +193,8 @@ class CorePool(_SAPool):
         conn, rec.core_conn = rec.core_conn, None
         if conn is None:
             return  # already given back by _close_connection
-        # No adapter left (detached, or its setup failed): never hand the connection on.
+        # No adapter left (detach(), or a setup interrupted before SQLAlchemy could close
+        # it): never hand the connection on.
         self._give_back(conn, discard=rec.dbapi_connection is None)
 
     def _close_connection(
@@ -211,7 +217,7 @@ class CorePool(_SAPool):
             discard = not conn.is_closed()
         release = self._core.release(conn, discard=discard)
         if in_greenlet():
-            await_(release)
+            _run(release)
         else:
             # Garbage collection of a connection never closed: no greenlet to await in.
             _release_in_background(release)
@@ -248,6 +254,38 @@ class CorePool(_SAPool):
 
     def __repr__(self) -> str:
         return f"<CorePool records={len(self._records)} core={self._core!r}>"
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``await_(coro)`` without the two greenlet switches when ``coro`` finishes without
+    suspending — the core's acquire and release fast paths never suspend. Must be called
+    where ``await_`` may be (inside SQLAlchemy's greenlet, on the event loop's thread)."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as done:
+        return cast(_T, done.value)
+    return await_(_finish(coro, pending))
+
+
+@types.coroutine
+def _finish(coro: Coroutine[Any, Any, _T], pending: Any) -> Generator[Any, Any, _T]:
+    """The rest of ``await coro`` after its first step ran in :func:`_run`: the task waits
+    on what ``coro`` yielded, then ``coro`` goes on — with the task's cancellation thrown
+    into it, exactly as a plain ``await`` would deliver it."""
+    while True:
+        try:
+            yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation: coro must see it to clean up
+            step: Callable[[], Any] = functools.partial(coro.throw, exc)
+        else:
+            step = functools.partial(coro.send, None)
+        try:
+            pending = step()
+        except StopIteration as done:
+            return cast(_T, done.value)
 
 
 _background: set[asyncio.Task[None]] = set()
