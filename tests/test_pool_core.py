@@ -361,3 +361,10 @@ async def test_open_without_wait_warms_in_background(pg: EmbeddedPostgres) -> No
     async with pool.connection() as conn:
         assert await conn.fetchval("SELECT 1") == 1
     await pool.close()
+
+
+async def test_acquire_before_open_is_a_clear_error(pg: EmbeddedPostgres) -> None:
+    pool = Pool(config_for(pg))
+    with pytest.raises(PoolClosed, match="not open"):
+        await pool.acquire()
+    assert "new" in repr(pool)

@@ -56,6 +56,7 @@ class Pool:
         self._n_opening = 0
         self._opened = False
         self._closing = False
+        self._admitting = False  # opened and not closing: the one flag acquire() reads
         self._closed = False
         self._drained: asyncio.Event | None = None
         # Background work cancelled on close (connect attempts, maintenance) and I/O that
@@ -114,6 +115,7 @@ class Pool:
         if self._opened:
             return
         self._opened = True
+        self._admitting = True
         self._spawn(_maintain_periodically(weakref.ref(self), self._config.maintenance_interval))
         if not wait:
             self._grow()
@@ -133,6 +135,7 @@ class Pool:
         if self._closed:
             return
         self._closing = True
+        self._admitting = False
         state = self._state()
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -220,8 +223,8 @@ class Pool:
         :class:`PoolTimeout` when none could be had in time (also at once when the deadline
         has passed, without touching the server), :class:`PoolClosed` after :meth:`close`.
         """
-        if self._closing:
-            raise PoolClosed("pool is closed", node=self.name, state=self._state())
+        if not self._admitting:
+            raise self._not_admitting()
         now = _monotonic()
         if deadline is not None and deadline <= now:
             self._timeouts += 1
@@ -288,6 +291,11 @@ class Pool:
         self._wait_s += done - now
         record.acquired_at = done
         return record.conn
+
+    def _not_admitting(self) -> PoolClosed:
+        if self._closing:
+            return PoolClosed("pool is closed", node=self.name, state=self._state())
+        return PoolClosed("pool is not open: call `await pool.open()` first", node=self.name)
 
     def _expire(self, waiter: Waiter) -> None:
         """Timer callback: the waiter's time is up."""
