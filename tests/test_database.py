@@ -99,3 +99,38 @@ async def test_session_commits_on_success_rolls_back_on_error_on_the_same_pool(
         stats = db.stats()["primary"]
         assert stats.acquires_total - before >= 3  # both sessions came from the core
         assert stats.connections_in_use == 0
+
+
+async def test_health_server_view_and_budget_through_the_facade(pg: EmbeddedPostgres) -> None:
+    async with Database.from_env(env_for(pg, DB_APPLICATION_NAME="facade-view")) as db:
+        report = await db.health(timeout=2)
+        assert report.ok
+        assert report.node("primary").in_recovery is False
+        activity = await db.server_activity()
+        assert any(g.application_name == "facade-view" for g in activity.by_application)
+        budget = await db.connection_budget(processes=2)
+        assert budget.used == 2 * db.pool.config.max_size
+        assert budget.ok
+
+
+async def test_advise_finds_a_pool_too_small_from_live_stats(pg: EmbeddedPostgres) -> None:
+    import asyncio
+
+    from poolwarden import PoolTimeout
+
+    async with Database.from_env(env_for(pg, DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0",
+                                         DB_POOL_MIN_SIZE="1", DB_POOL_TIMEOUT="0.05")) as db:
+        before = db.stats()
+
+        async def busy() -> None:
+            try:
+                async with db.connection() as conn:
+                    await conn.execute("SELECT pg_sleep(0.1)")
+            except PoolTimeout:
+                pass
+
+        await asyncio.gather(*(busy() for _ in range(8)))
+        findings = db.advise(before)["primary"]
+    codes = {f.code for f in findings}
+    assert codes & {"acquire_timeouts", "pool_too_small"}
+    assert all(pg.password not in f.message for f in findings)

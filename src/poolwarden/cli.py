@@ -73,5 +73,38 @@ def check_config() -> None:
     console.print(table)
 
 
+@app.command()
+def size(  # noqa: PLR0917 - typer maps each parameter to a command-line option
+    cores: Annotated[int, typer.Option(help="CPU cores of the database server.")],
+    workers: Annotated[int, typer.Option(help="Processes of this service, each with a pool.")],
+    max_connections: Annotated[int, typer.Option(help="The server's max_connections.")] = 100,
+    rate: Annotated[float | None, typer.Option(help="Requests/s needing the database.")] = None,
+    query_time: Annotated[
+        float | None, typer.Option(help="Seconds each use holds a connection.")
+    ] = None,
+    other_connections: Annotated[int, typer.Option(help="Connections of other clients.")] = 0,
+) -> None:
+    """Recommend pool_size / max_overflow / min_size per worker, with the arithmetic shown."""
+    from .sizing import SizingError, recommend
+
+    try:
+        result = recommend(
+            cores=cores, workers=workers, max_connections=max_connections, rate_per_s=rate,
+            query_time_s=query_time, other_connections=other_connections,
+        )
+    except SizingError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    colour = "green" if result.ok else "red"
+    console.print(
+        f"[{colour}]per worker: DB_POOL_SIZE={result.pool_size} "
+        f"DB_MAX_OVERFLOW={result.max_overflow} DB_POOL_MIN_SIZE={result.min_size}[/{colour}]"
+    )
+    for reason in result.reasons:
+        console.print(f"- {reason}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()

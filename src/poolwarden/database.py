@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from .advisor import Finding, advise
 from .errors import PoolClosed
+from .health import HealthMonitor, HealthReport, check_nodes
 from .pool import Checkout, Pool, PoolConfig, PooledConnection, PoolStats
+from .server_view import BudgetReport, ServerActivity, connection_budget, server_activity
 from .settings import DatabaseSettings
 
 if TYPE_CHECKING:
@@ -173,6 +176,44 @@ class Database:
             yield session
 
     # ------------------------------------------------------------------ observability
+
+    async def health(self, timeout: float = 2.0) -> HealthReport:
+        """Check every node within ``timeout`` seconds (readiness); never raises for a
+        database problem: the report says what failed, without credentials."""
+        return await check_nodes(self._pools, timeout=timeout)
+
+    def health_monitor(self, *, interval: float = 5.0, timeout: float = 2.0) -> HealthMonitor:
+        """A background monitor of :meth:`health` (``start()`` it, or ``async with`` it)."""
+        return HealthMonitor(self, interval=interval, timeout=timeout)
+
+    async def server_activity(
+        self, *, idle_in_transaction_s: float = 30.0, long_query_s: float = 5.0,
+        limit: int = 10, timeout: float = 5.0,
+    ) -> ServerActivity:
+        """The server's view: connections by application and state, sessions idle in a
+        transaction longer than ``idle_in_transaction_s``, the longest-running queries."""
+        return await server_activity(
+            self._primary, idle_in_transaction_s=idle_in_transaction_s,
+            long_query_s=long_query_s, limit=limit, timeout=timeout,
+        )
+
+    async def connection_budget(
+        self, *, processes: int | None = None, other_connections: int = 0
+    ) -> BudgetReport:
+        """This pool times ``processes`` sibling workers (default ``WEB_CONCURRENCY``)
+        against the server's ``max_connections`` minus its reserved slots."""
+        return await connection_budget(
+            self._primary, processes=processes, other_connections=other_connections
+        )
+
+    def advise(self, previous: Mapping[str, PoolStats] | None = None) -> dict[str, list[Finding]]:
+        """The advisor's findings for every node, from its settings and live stats (over the
+        interval since ``previous``, a former :meth:`stats`, when given); most severe first."""
+        previous = previous or {}
+        return {
+            name: advise(pool.config, pool.stats(), previous.get(name))
+            for name, pool in self._pools.items()
+        }
 
     def stats(self) -> dict[str, PoolStats]:
         """A stats snapshot of every node's pool, by node name."""
