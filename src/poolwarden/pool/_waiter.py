@@ -17,12 +17,12 @@ class Waiter:
     cancelled *after* accepting gives the connection back itself (see ``Pool._wait``).
     """
 
-    __slots__ = ("future", "since", "timer")
+    __slots__ = ("deadline", "future", "since")
 
-    def __init__(self, future: asyncio.Future[Record], since: float) -> None:
+    def __init__(self, future: asyncio.Future[Record], since: float, deadline: float) -> None:
         self.future = future
         self.since = since
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline  # time.monotonic() instant after which it gives up
 
     def offer(self, record: Record) -> bool:
         """Hand ``record`` to this waiter; ``False`` if it no longer wants one."""
@@ -30,8 +30,6 @@ class Waiter:
         if future.done():
             return False
         future.set_result(record)
-        if self.timer is not None:
-            self.timer.cancel()
         return True
 
     def __repr__(self) -> str:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 _monotonic = time.monotonic
+_NEVER = float("inf")
 
 
 class Pool:
@@ -59,6 +60,10 @@ class Pool:
         self._admitting = False  # opened and not closing: the one flag acquire() reads
         self._closed = False
         self._drained: asyncio.Event | None = None
+        # One timer for all waiters, set for the earliest deadline among them (not one timer
+        # per waiter: creating and cancelling a timer per wait costs µs on the hot path).
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = _NEVER
         # Background work cancelled on close (connect attempts, maintenance) and I/O that
         # close() waits for instead (closing connections, restores that return a slot).
         self._workers: set[asyncio.Task[None]] = set()
@@ -141,8 +146,8 @@ class Pool:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosed("pool closed", node=self.name, state=state))
-                if waiter.timer is not None:
-                    waiter.timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         while self._idle:
             self._retire_idle(self._idle.popleft(), CloseReason.POOL_CLOSED)
         if self._n_in_use:
@@ -268,16 +273,16 @@ class Pool:
         limit = now + (self._acquire_timeout if timeout is None else timeout)
         if deadline is not None and deadline < limit:
             limit = deadline
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Record] = loop.create_future()
-        waiter = Waiter(future, now)
+        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(future, now, limit)
         self._waiters.append(waiter)
-        waiter.timer = loop.call_later(limit - now, self._expire, waiter)
-        self._grow()
+        if limit < self._expiry_at:
+            self._schedule_expiry(limit, now)
+        if self._total() < self._max_size:
+            self._grow()
         try:
             record = await future
         except asyncio.CancelledError:
-            waiter.timer.cancel()
             if future.done() and not future.cancelled() and future.exception() is None:
                 # Served in the same loop step as we were cancelled: pass it on, not lose it.
                 self._hand_on(future.result())
@@ -297,8 +302,26 @@ class Pool:
             return PoolClosed("pool is closed", node=self.name, state=self._state())
         return PoolClosed("pool is not open: call `await pool.open()` first", node=self.name)
 
+    def _schedule_expiry(self, when: float, now: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = asyncio.get_running_loop().call_later(when - now, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Timer callback: fail every waiter whose deadline has passed, then set the timer
+        for the earliest deadline left. Served waiters are already out of the queue."""
+        self._expiry = None
+        self._expiry_at = _NEVER
+        now = _monotonic()
+        due = [w for w in self._waiters if w.deadline <= now]
+        for waiter in due:
+            self._expire(waiter)
+        if self._waiters:
+            self._schedule_expiry(min(w.deadline for w in self._waiters), now)
+
     def _expire(self, waiter: Waiter) -> None:
-        """Timer callback: the waiter's time is up."""
+        """The waiter's time is up: it leaves the queue with a PoolTimeout."""
         if waiter.future.done():
             return
         self._forget(waiter)
