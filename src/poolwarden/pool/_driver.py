@@ -90,13 +90,19 @@ async def server_started_at(conn: PooledConnection, timeout: float) -> float:
     return float(started)
 
 
-def needs_restore(conn: PooledConnection) -> bool:
-    """Whether ``conn`` must be cleaned before reuse: a transaction open or failed, or a
-    cancelled query still being cancelled on the server."""
+CLEAN, NEEDS_RESTORE, CLOSED = 0, 1, 2
+
+
+def release_state(conn: PooledConnection) -> int:
+    """At release, in one call (this is the hot path): ``CLOSED`` when the connection is
+    gone, ``NEEDS_RESTORE`` when a transaction is open or failed or a cancelled query is
+    still being cancelled on the server, else ``CLEAN``."""
     protocol = conn._protocol
-    return bool(
-        protocol.is_in_transaction() or conn._top_xact is not None or protocol._is_cancelling()
-    )
+    if conn._aborted or protocol is None or not protocol.is_connected():
+        return CLOSED
+    if protocol.is_in_transaction() or conn._top_xact is not None or protocol._is_cancelling():
+        return NEEDS_RESTORE
+    return CLEAN
 
 
 def is_closed(conn: PooledConnection) -> bool:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 _monotonic = time.monotonic
 _NEVER = float("inf")
+_IN_USE = ConnState.IN_USE
 
 
 class Pool:
@@ -243,7 +244,7 @@ class Pool:
             if now >= record.expires_at:
                 self._retire(record, CloseReason.LIFETIME)
                 continue
-            if _driver.is_closed(record.conn):
+            if record.conn.is_closed():
                 # The server closed it while idle (terminated backend, restart): asyncpg saw
                 # the EOF already, so this costs no round trip.
                 self._connection_lost(record)
@@ -368,16 +369,19 @@ class Pool:
         ``discard``-ed is closed instead. Raises :class:`PoolError` when ``conn`` is not
         checked out from this pool.
         """
-        record = self._checked_out(conn)
-        if record is None:
-            return
+        record = getattr(conn, "_pw_record", None)
+        if record is None or record.pool is not self or record.state is not _IN_USE:
+            record = self._checked_out(conn)
+            if record is None:
+                return
         if discard:
             self._retire(record, CloseReason.DISCARDED)
             return
-        if _driver.is_closed(conn):
+        state = _driver.release_state(conn)
+        if state == _driver.CLOSED:
             self._connection_lost(record)
             return
-        if reset or self._always_reset or _driver.needs_restore(conn):
+        if state == _driver.NEEDS_RESTORE or reset or self._always_reset:
             # Shielded: if our caller is cancelled the restore still finishes and the slot
             # is still returned; the task is tracked so close() can wait for it.
             full = reset or self._always_reset
@@ -396,12 +400,13 @@ class Pool:
         raise PoolError("connection released twice", node=self.name, state=self._state())
 
     def _reuse(self, record: Record) -> None:
-        if _monotonic() >= record.expires_at:
+        now = _monotonic()
+        if now >= record.expires_at:
             self._retire(record, CloseReason.LIFETIME)
         elif record.server_started_at < self._server_started_at:
             self._retire(record, CloseReason.SERVER_RESTARTED)
         else:
-            self._hand_on(record)
+            self._hand_on(record, now)
 
     async def _restore(self, record: Record, *, full: bool) -> None:
         try:
@@ -424,7 +429,7 @@ class Pool:
 
     # ------------------------------------------------------------------ decisions
 
-    def _hand_on(self, record: Record) -> None:
+    def _hand_on(self, record: Record, now: float | None = None) -> None:
         """Give an in-use record to the oldest live waiter, else make it idle (or close it
         when it is above ``pool_size`` or the pool is closing). Synchronous: atomic."""
         waiters = self._waiters
@@ -437,7 +442,7 @@ class Pool:
             self._retire(record, CloseReason.POOL_CLOSED if self._closing else CloseReason.OVERFLOW)
             return
         record.state = ConnState.IDLE
-        record.idle_since = _monotonic()
+        record.idle_since = _monotonic() if now is None else now
         self._idle.append(record)
 
     def _retire(self, record: Record, reason: CloseReason) -> None:
