@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ._background import BackgroundTask
 from .pool import Pool, PoolStats
 from .pool._driver import describe_error, is_connection_lost
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    pass
 
 __all__ = [
     "HealthMonitor",
@@ -215,7 +216,7 @@ async def _check(target: Pool | HealthSource, timeout: float) -> HealthReport:
     return await target.health(timeout=timeout)
 
 
-class HealthMonitor:
+class HealthMonitor(BackgroundTask):
     """Checks ``target`` (a :class:`Pool` or a :class:`HealthSource` such as ``Database``)
     every ``interval`` seconds in a background task and keeps the last report.
 
@@ -226,6 +227,8 @@ class HealthMonitor:
     Probes: :meth:`live` (never touches the database) and :meth:`ready` (last report ok and
     fresh; reads the cached report, no round trip).
     """
+
+    TASK_NAME = "poolwarden-health-monitor"
 
     def __init__(
         self,
@@ -239,7 +242,7 @@ class HealthMonitor:
         self._target: weakref.ref[Pool | HealthSource] = weakref.ref(target)
         self.interval = interval
         self.timeout = timeout
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
         self._last: HealthReport | None = None
         self._last_at = 0.0  # monotonic instant the last report was completed
         self._loop_lag_s = 0.0
@@ -261,9 +264,6 @@ class HealthMonitor:
         """How late the monitor's last timer fired: a busy or blocked event loop shows here."""
         return self._loop_lag_s
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def default_max_age_s(self) -> float:
         """Freshness limit used by :meth:`ready` by default: two intervals plus one timeout."""
@@ -294,32 +294,6 @@ class HealthMonitor:
         self._record(report)
         return report
 
-    def start(self) -> None:
-        """Start the background task (idempotent). The first check runs at once."""
-        if not self.running:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="poolwarden-health-monitor"
-            )
-
-    async def stop(self) -> None:
-        """Cancel the background task and wait until it has finished (idempotent)."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # wait() rather than awaiting the task: our own cancellation must still propagate.
-        await asyncio.wait([task])
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("health monitor ended with %s", type(task.exception()).__name__)
-
-    async def __aenter__(self) -> HealthMonitor:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar, runtime_checkable
 
+from ._background import BackgroundTask
 from ._secrets import mask_dsn
 from .pool import CloseReason, PoolStats
 
@@ -57,7 +58,7 @@ except ImportError:  # the `metrics` extra is not installed: only the no-op expo
     _HAVE_PROMETHEUS = False
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    pass
 
 __all__ = [
     "DEFAULT_SYNC_INTERVAL_S",
@@ -384,7 +385,7 @@ def render(
     return generate_latest(REGISTRY if registry is None else registry), CONTENT_TYPE_LATEST
 
 
-class MetricsSync:
+class MetricsSync(BackgroundTask):
     """Syncs ``source``'s stats into ``exporter`` every ``interval`` seconds, in the background.
 
     ``source`` is a ``Database`` or a ``Pool`` (anything with ``stats()``); only a weak
@@ -393,6 +394,8 @@ class MetricsSync:
     the no-op one without prometheus-client). ``start()`` needs a running loop; ``stop()``
     cancels the task and waits for it. Also an async context manager.
     """
+
+    TASK_NAME = "poolwarden-metrics-sync"
 
     def __init__(
         self,
@@ -406,11 +409,8 @@ class MetricsSync:
         self._source: weakref.ref[StatsSource] = weakref.ref(source)
         self.exporter: MetricsExporter = make_exporter() if exporter is None else exporter
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def sync_now(self) -> bool:
         """Sync once now (e.g. in the ``/metrics`` route before :func:`render`, for values
@@ -421,30 +421,6 @@ class MetricsSync:
         self.exporter.sync(source.stats())
         return True
 
-    def start(self) -> None:
-        """Start the background task (idempotent); the first sync runs at once."""
-        if not self.running:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="poolwarden-metrics-sync"
-            )
-
-    async def stop(self) -> None:
-        """Cancel the background task and wait until it has finished (idempotent)."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # wait() rather than awaiting the task: our own cancellation must still propagate.
-        await asyncio.wait([task])
-
-    async def __aenter__(self) -> MetricsSync:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _run(self) -> None:
         while True:
