@@ -105,10 +105,6 @@ def release_state(conn: PooledConnection) -> int:
     return CLEAN
 
 
-def is_closed(conn: PooledConnection) -> bool:
-    return bool(conn.is_closed())
-
-
 async def restore(conn: PooledConnection, *, full: bool, timeout: float) -> None:
     """Bring ``conn`` back to a clean state, within ``timeout`` seconds; raises on failure.
 

@@ -150,7 +150,7 @@ class Pool:
         if self._expiry is not None:
             self._expiry.cancel()
         while self._idle:
-            self._retire_idle(self._idle.popleft(), CloseReason.POOL_CLOSED)
+            self._close_record(self._idle.popleft(), CloseReason.POOL_CLOSED)
         if self._n_in_use:
             self._drained = asyncio.Event()
             try:
@@ -201,7 +201,7 @@ class Pool:
         self._config = dataclasses.replace(self._config, **changes)
         self._apply_limits(self._config)
         while self._idle and self._total() > self._pool_size:
-            self._retire_idle(self._idle.popleft(), CloseReason.RESIZED)
+            self._close_record(self._idle.popleft(), CloseReason.RESIZED)
         self._grow()
 
     # ------------------------------------------------------------------ acquire
@@ -241,16 +241,14 @@ class Pool:
             record = idle.pop()
             record.state = ConnState.IN_USE
             self._n_in_use += 1
-            if now >= record.expires_at:
-                self._retire(record, CloseReason.LIFETIME)
+            stale = self._stale_reason(record, now)
+            if stale is not None:
+                self._retire(record, stale)
                 continue
             if record.conn.is_closed():
                 # The server closed it while idle (terminated backend, restart): asyncpg saw
                 # the EOF already, so this costs no round trip.
                 self._connection_lost(record)
-                continue
-            if record.server_started_at < self._server_started_at:
-                self._retire(record, CloseReason.SERVER_RESTARTED)
                 continue
             if (
                 now - record.idle_since > self._ping_window
@@ -399,21 +397,29 @@ class Pool:
             return None  # terminated by close() or retired while held: nothing to give back
         raise PoolError("connection released twice", node=self.name, state=self._state())
 
+    def _stale_reason(self, record: Record, now: float) -> CloseReason | None:
+        """Why ``record`` must not be used again (checked at acquire, release and in
+        maintenance): past its lifetime, or older than the server's latest start."""
+        if now >= record.expires_at:
+            return CloseReason.LIFETIME
+        if record.server_started_at < self._server_started_at:
+            return CloseReason.SERVER_RESTARTED
+        return None
+
     def _reuse(self, record: Record) -> None:
         now = _monotonic()
-        if now >= record.expires_at:
-            self._retire(record, CloseReason.LIFETIME)
-        elif record.server_started_at < self._server_started_at:
-            self._retire(record, CloseReason.SERVER_RESTARTED)
-        else:
+        stale = self._stale_reason(record, now)
+        if stale is None:
             self._hand_on(record, now)
+        else:
+            self._retire(record, stale)
 
     async def _restore(self, record: Record, *, full: bool) -> None:
         try:
             await _driver.restore(record.conn, full=full, timeout=self._config.release_timeout)
         except (Exception, asyncio.CancelledError) as exc:
             self._last_error = exc
-            if _driver.is_connection_lost(exc) or _driver.is_closed(record.conn):
+            if _driver.is_connection_lost(exc) or record.conn.is_closed():
                 self._connection_lost(record)
             else:
                 self._retire(record, CloseReason.RESET_FAILED)
@@ -455,11 +461,9 @@ class Pool:
         else:
             self._grow()
 
-    def _retire_idle(self, record: Record, reason: CloseReason) -> None:
-        """Close a record the caller has already removed from the idle stack."""
-        self._close_record(record, reason)
-
     def _close_record(self, record: Record, reason: CloseReason) -> None:
+        """Close ``record`` in the background and count why. For an idle record the caller
+        has already taken it off the idle stack; in-use records go through ``_retire``."""
         record.state = ConnState.CLOSED
         self._records.discard(record)
         self._closed_by[reason.value] += 1
@@ -536,7 +540,7 @@ class Pool:
         keep = [r for r in self._idle if r.server_started_at >= started]
         for record in self._idle:
             if record.server_started_at < started:
-                self._retire_idle(record, CloseReason.SERVER_RESTARTED)
+                self._close_record(record, CloseReason.SERVER_RESTARTED)
         self._idle = deque(keep)
 
     def maintain(self) -> None:
@@ -549,19 +553,16 @@ class Pool:
         keep: deque[Record] = deque()
         total = self._total()
         for record in self._idle:  # oldest-used first
-            if now >= record.expires_at:
-                reason: CloseReason | None = CloseReason.LIFETIME
-            elif record.server_started_at < self._server_started_at:
-                reason = CloseReason.SERVER_RESTARTED
-            elif now - record.idle_since > self._config.idle_timeout and total > self._min_size:
+            reason = self._stale_reason(record, now)
+            if reason is None and now - record.idle_since > self._config.idle_timeout and (
+                total > self._min_size
+            ):
                 reason = CloseReason.IDLE
-            else:
-                reason = None
             if reason is None:
                 keep.append(record)
             else:
                 total -= 1
-                self._retire_idle(record, reason)
+                self._close_record(record, reason)
         self._idle = keep
         self._grow()
 
