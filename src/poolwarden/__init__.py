@@ -1,9 +1,14 @@
 """poolwarden: the PostgreSQL connection layer for async Python services."""
 
+from .database import Database
+from .deadline import deadline, remaining
 from .errors import (
+    CircuitOpen,
+    CommitOutcomeUnknown,
     ConfigProblem,
     ConfigurationError,
     ConnectionFailed,
+    DeadlineExceeded,
     PoolClosed,
     PoolError,
     PoolExhausted,
@@ -14,9 +19,13 @@ from .errors import (
 from .pool import Pool, PoolConfig, PooledConnection, PoolStats, ResetPolicy
 
 __all__ = [
+    "CircuitOpen",
+    "CommitOutcomeUnknown",
     "ConfigProblem",
     "ConfigurationError",
     "ConnectionFailed",
+    "Database",
+    "DeadlineExceeded",
     "Pool",
     "PoolClosed",
     "PoolConfig",
@@ -28,4 +37,6 @@ __all__ = [
     "PooledConnection",
     "PoolwardenError",
     "ResetPolicy",
+    "deadline",
+    "remaining",
 ]

@@ -55,11 +55,20 @@ class PoolState:
 
 
 class PoolError(PoolwardenError):
-    """An error about one pool (one database node)."""
+    """An error about one pool (one database node).
 
-    def __init__(self, message: str, *, node: str, state: PoolState | None = None) -> None:
+    ``retry_after_s`` is set on refusals that are safe to retry later (queue full, circuit
+    open, overload shed): the pool's estimate of when a retry may succeed, in seconds, for
+    an HTTP ``Retry-After`` header. ``None`` when the pool has no estimate.
+    """
+
+    def __init__(
+        self, message: str, *, node: str, state: PoolState | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         self.node = node
         self.state = state
+        self.retry_after_s = retry_after_s
         suffix = f" [{state}]" if state is not None else ""
         super().__init__(f"pool {node!r}: {message}{suffix}")
 
@@ -83,11 +92,34 @@ class PoolTimeout(PoolError, TimeoutError):
     """
 
     def __init__(
-        self, message: str, *, node: str, state: PoolState | None, waited_s: float
+        self, message: str, *, node: str, state: PoolState | None, waited_s: float,
+        retry_after_s: float | None = None,
     ) -> None:
         self.waited_s = waited_s
         text = f"{message} after waiting {waited_s * 1000:.0f} ms"
-        super().__init__(text, node=node, state=state)
+        super().__init__(text, node=node, state=state, retry_after_s=retry_after_s)
+
+
+class DeadlineExceeded(PoolTimeout):
+    """The caller's deadline (``db.deadline(...)``, a request budget) ran out: before a
+    connection was had (nothing was sent), or while a statement ran (the statement was
+    cancelled; inside a transaction, the transaction was rolled back).
+
+    A :class:`PoolTimeout` and a ``TimeoutError``; maps to HTTP 503.
+    """
+
+
+class CircuitOpen(PoolError):
+    """Refused at once: the node's circuit breaker is open after repeated connection
+    failures. Nothing was sent to the server. ``retry_after_s`` is the time until the
+    breaker lets a probe through."""
+
+
+class CommitOutcomeUnknown(PoolError):
+    """The connection was lost after ``COMMIT`` was sent and before its answer came back:
+    the transaction may or may not have committed. Never retried automatically; the caller
+    must check (e.g. by a unique key) before doing the work again. The driver error is
+    chained as ``__cause__``."""
 
 
 class ConnectionFailed(PoolError):

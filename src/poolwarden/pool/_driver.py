@@ -9,12 +9,15 @@ attribute lookup on every call, and the Python client is the bottleneck.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
 from .._secrets import scrub
+from ..deadline import _current as _deadline_var
+from ..deadline import current_deadline
 
 if TYPE_CHECKING:
     from ._record import Record
@@ -28,9 +31,20 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
     released it may already serve another task.
     """
 
-    __slots__ = ("_pw_record",)
+    __slots__ = ("_pw_observer", "_pw_record")
 
     _pw_record: Record | None
+    _pw_observer: Any  # a query observer (see ``_observed``), or None
+
+    def _cancel_current_command(self, waiter: Any, cancel_waiter: Any = None) -> None:
+        # asyncpg sends the CancelRequest from a new task bounded by command_timeout; it
+        # must not inherit the caller's (by now expired) deadline, or the cancel would fail
+        # at once and asyncpg would terminate this connection instead of cancelling.
+        token = _deadline_var.set(None)
+        try:
+            super()._cancel_current_command(waiter, cancel_waiter)
+        finally:
+            _deadline_var.reset(token)
 
 
 # Errors after which the connection itself is unusable (the socket is gone or the server
@@ -55,11 +69,14 @@ def is_connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_LOST)
 
 
-async def open_connection(config: PoolConfig) -> PooledConnection:
+async def open_connection(
+    config: PoolConfig, *, connection_class: type[PooledConnection] = PooledConnection
+) -> PooledConnection:
     """Open and set up one connection; raises the driver's error (the caller wraps it).
 
     ``connect_timeout`` bounds the whole handshake and ``command_timeout`` is set on the
-    connection, so that a blackholed server can never hang a caller forever. Server
+    connection, so that a blackholed server can never hang a caller forever; each statement's
+    timeout is further cut to the caller's deadline (see :func:`bind_deadline`). Server
     settings travel in the startup packet: no extra round trip.
     """
     conn: PooledConnection = await asyncpg.connect(
@@ -69,9 +86,11 @@ async def open_connection(config: PoolConfig) -> PooledConnection:
         statement_cache_size=config.statement_cache_size,
         server_settings=config.all_server_settings(),
         ssl=config.ssl,
-        connection_class=PooledConnection,
+        connection_class=connection_class,
     )
     conn._pw_record = None
+    conn._pw_observer = None
+    bind_deadline(conn)
     try:
         if config.init is not None:
             async with asyncio.timeout(config.command_timeout):
@@ -80,6 +99,46 @@ async def open_connection(config: PoolConfig) -> PooledConnection:
         conn.terminate()
         raise
     return conn
+
+
+_DEADLINE_CONFIGS: dict[type, type] = {}
+
+
+def bind_deadline(conn: asyncpg.Connection) -> bool:
+    """Make every statement on ``conn`` time out at the caller's deadline (if earlier than
+    ``command_timeout``); a statement started after the deadline fails before anything is
+    sent. Returns ``False`` when this asyncpg does not look as expected (then statements
+    are bounded by ``command_timeout`` alone).
+
+    How: asyncpg reads ``conn._config.command_timeout`` for every statement sent without an
+    explicit ``timeout=``; we swap that namedtuple for a subclass whose ``command_timeout``
+    is computed from the deadline context variable at that moment (one property call).
+    """
+    config = conn._config
+    base = type(config)
+    fields = getattr(base, "_fields", ())
+    if not isinstance(config, tuple) or "command_timeout" not in fields:
+        return False
+    cls = _DEADLINE_CONFIGS.get(base)
+    if cls is None:
+        index = fields.index("command_timeout")
+        getitem = tuple.__getitem__
+        monotonic = time.monotonic
+
+        def command_timeout(self: tuple[Any, ...]) -> float | None:
+            configured: float | None = getitem(self, index)
+            at = current_deadline()
+            if at is None:
+                return configured
+            left = at - monotonic()
+            # asyncpg raises TimeoutError for a timeout <= 0 before sending anything
+            return left if configured is None or left < configured else configured
+
+        cls = type(f"Deadline{base.__name__}", (base,),
+                   {"__slots__": (), "command_timeout": property(command_timeout)})
+        _DEADLINE_CONFIGS[base] = cls
+    conn._config = cls(*config)
+    return True
 
 
 async def server_started_at(conn: PooledConnection, timeout: float) -> float:
@@ -119,12 +178,12 @@ async def restore(conn: PooledConnection, *, full: bool, timeout: float) -> None
         if conn.is_closed():
             raise asyncpg.ConnectionDoesNotExistError("connection closed while being restored")
         if full:
-            await conn.reset()
+            await conn.reset(timeout=timeout)
         elif protocol.is_in_transaction() or conn._top_xact is not None:
             # A transaction object whose __aexit__ never ran (cancelled task) would make
             # the next user's conn.transaction() a savepoint: forget it, then roll back.
             conn._top_xact = None
-            await conn.execute("ROLLBACK")
+            await conn.execute("ROLLBACK", timeout=timeout)
 
 
 async def ping(conn: PooledConnection, timeout: float) -> None:
