@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from .advisor import Finding, advise
+from .deadline import deadline, remaining
 from .errors import PoolClosed
 from .health import HealthMonitor, HealthReport, check_nodes
 from .pool import Checkout, Pool, PoolConfig, PooledConnection, PoolStats
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 PRIMARY = "primary"
+
+
+def _statement_timeout_ms(configured_s: float | None) -> int | None:
+    """The server-side ``statement_timeout`` (ms) that keeps a transaction within the
+    caller's deadline, or ``None`` when no deadline is set or the configured
+    ``statement_timeout`` (seconds) is already shorter."""
+    left = remaining()
+    if left is None or (configured_s and configured_s <= left):
+        return None
+    return max(1, int(left * 1000))
 
 
 class Database:
@@ -93,6 +104,15 @@ class Database:
 
     # ------------------------------------------------------------------ raw asyncpg path
 
+    @staticmethod
+    def deadline(seconds: float) -> deadline:
+        """``async with db.deadline(0.5):`` — bound everything the block does with the
+        database (the wait for a connection, each statement, and the server's
+        ``statement_timeout`` inside transactions and sessions) to ``seconds`` from now.
+        Nested deadlines can only shorten the budget. Expiry raises
+        :class:`~poolwarden.errors.DeadlineExceeded`."""
+        return deadline(seconds)
+
     def _node(self, *, read_only: bool = False) -> Pool:
         """The pool that serves this work. One node for now: the primary serves all."""
         return self._primary
@@ -124,6 +144,9 @@ class Database:
         async with self.connection(timeout=timeout, read_only=readonly) as conn, conn.transaction(
             isolation=isolation, readonly=readonly, deferrable=deferrable
         ):
+            limit = _statement_timeout_ms(self._primary.config.statement_timeout)
+            if limit is not None:
+                await conn.execute(f"SET LOCAL statement_timeout = {limit}")
             yield conn
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
@@ -160,10 +183,11 @@ class Database:
         return self._engine
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """``async with db.session() as session:`` — an ``AsyncSession`` that commits when
         the block succeeds and rolls back when it raises; its connection goes back to the
-        pool when the block ends."""
+        pool when the block ends. ``read_only=True`` marks work that may be served by a
+        replica (routing comes with the topology layer; today the primary serves it)."""
         if self._primary.stats().closed:
             raise PoolClosed("database is closed", node=self._primary.name)
         if self._sessions is None:
@@ -173,6 +197,11 @@ class Database:
         from .sqlalchemy import session_scope
 
         async with session_scope(self._sessions) as session:
+            ms = _statement_timeout_ms(self._primary.config.statement_timeout)
+            if ms is not None:
+                from sqlalchemy import text
+
+                await session.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             yield session
 
     # ------------------------------------------------------------------ observability

@@ -71,6 +71,8 @@ _TO_POOL: dict[str, str] = {
     "lock_timeout": "lock_timeout", "idle_in_transaction_timeout": "idle_in_transaction_timeout",
     "connect_timeout": "connect_timeout", "command_timeout": "command_timeout",
     "application_name": "application_name", "statement_cache_size": "statement_cache_size",
+    "echo_pool": "echo_pool", "slow_query_threshold": "slow_query_threshold",
+    "leak_threshold": "leak_threshold", "log_query_params": "log_query_params",
 }
 
 PRESETS: Mapping[str, Mapping[str, Any]] = {
@@ -267,6 +269,8 @@ class DatabaseSettings(BaseSettings):
     echo: bool = Field(False, description=_BOOL)
     echo_pool: bool = Field(False, description=_BOOL)
     slow_query_threshold: float = _duration_field(1.0, minimum=0, strict=True)
+    log_query_params: bool = Field(False, description=_BOOL)
+    leak_threshold: float | None = _duration_field(None, minimum=0, strict=True)
     statement_timeout: float | None = _duration_field(None, minimum=0, strict=False)
     lock_timeout: float | None = _duration_field(None, minimum=0, strict=False)
     idle_in_transaction_timeout: float | None = _duration_field(None, minimum=0, strict=False)

@@ -18,6 +18,7 @@ import asyncpg
 from .._secrets import scrub
 from ..deadline import _current as _deadline_var
 from ..deadline import current_deadline
+from ..errors import PoolwardenError
 
 if TYPE_CHECKING:
     from ._record import Record
@@ -64,9 +65,20 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 )
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a statement that ran out of time: asyncpg's client-side timeout
+    (``TimeoutError``) or the server's ``statement_timeout`` (57014), not a pool error."""
+    if isinstance(exc, PoolwardenError):
+        return False
+    return isinstance(exc, TimeoutError | asyncpg.exceptions.QueryCanceledError)
+
+
 def is_connection_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` means the connection it came from can no longer be used."""
-    return isinstance(exc, _CONNECTION_LOST)
+    """Whether ``exc`` means the connection it came from can no longer be used.
+
+    ``TimeoutError`` is an ``OSError`` but not a lost connection: asyncpg cancels the
+    timed-out statement and the connection stays usable (release waits for the cancel)."""
+    return isinstance(exc, _CONNECTION_LOST) and not isinstance(exc, TimeoutError)
 
 
 async def open_connection(

@@ -41,8 +41,10 @@ class Record:
         "created_at",
         "expires_at",
         "idle_since",
+        "leak_reported",
         "pool",
         "server_started_at",
+        "stack",
         "state",
         "verified_at",
     )
@@ -66,6 +68,8 @@ class Record:
         # last moment the connection was known good (created, pinged or used successfully)
         self.verified_at = now
         self.server_started_at = server_started_at
+        self.stack: str | None = None  # where it was acquired (only with leak detection)
+        self.leak_reported = False  # the current checkout was reported as a leak
         conn._pw_record = self
 
     def __repr__(self) -> str:

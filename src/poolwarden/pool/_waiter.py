@@ -17,12 +17,16 @@ class Waiter:
     cancelled *after* accepting gives the connection back itself (see ``Pool._wait``).
     """
 
-    __slots__ = ("deadline", "future", "since")
+    __slots__ = ("by_deadline", "deadline", "future", "since")
 
-    def __init__(self, future: asyncio.Future[Record], since: float, deadline: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[Record], since: float, deadline: float,
+        by_deadline: bool = False,
+    ) -> None:
         self.future = future
         self.since = since
         self.deadline = deadline  # time.monotonic() instant after which it gives up
+        self.by_deadline = by_deadline  # the caller's deadline, not the acquire timeout
 
     def offer(self, record: Record) -> bool:
         """Hand ``record`` to this waiter; ``False`` if it no longer wants one."""

@@ -72,6 +72,12 @@ class PoolConfig:
     maintenance_interval: float = 1.0
     server_settings: Mapping[str, str] = field(default_factory=dict)
     init: InitHook | None = None
+    # observability
+    query_stats: bool = True  # time every statement (query-time histogram); ~1 µs each
+    slow_query_threshold: float | None = 1.0  # log statements slower than this (seconds)
+    log_query_params: bool = False  # put parameters in slow-query logs (off: secrets)
+    leak_threshold: float | None = None  # warn (with the acquiring stack) when held longer
+    echo_pool: bool = False  # log every pool event at INFO (DB_ECHO_POOL)
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -139,6 +145,9 @@ def _problems(c: PoolConfig) -> list[ConfigProblem]:
          c.statement_cache_size)
     need(c.max_concurrent_connects >= 1, "max_concurrent_connects", "must be >= 1",
          c.max_concurrent_connects)
+    for name in ("slow_query_threshold", "leak_threshold"):
+        value = getattr(c, name)
+        need(value is None or value > 0, name, "must be > 0 seconds or unset", value)
     need(c.reconnect_max_delay >= c.reconnect_initial_delay, "reconnect_max_delay",
          "must be >= reconnect_initial_delay", c.reconnect_max_delay)
     return out

@@ -15,20 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import os
 import time
+import traceback
 import weakref
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
+from .. import events as ev
 from .._secrets import dsn_target
-from ..errors import ConnectionFailed, PoolClosed, PoolError, PoolExhausted, PoolState, PoolTimeout
+from ..deadline import current_deadline
+from ..errors import (
+    ConnectionFailed,
+    DeadlineExceeded,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolState,
+    PoolTimeout,
+)
+from ..events import EventBus
 from . import _driver
 from ._driver import PooledConnection
 from ._policy import Backoff, lifetime_deadline
 from ._record import CloseReason, ConnState, Record
 from ._waiter import Waiter
 from .config import PoolConfig, ResetPolicy
+from .histogram import Histogram
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -49,8 +64,10 @@ class Pool:
     as they go idle.
     """
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, *, events: EventBus | None = None) -> None:
         self._config = config
+        #: where this pool's events go (logging and subscribed hooks)
+        self.events = events if events is not None else EventBus(echo=config.echo_pool)
         self._idle: deque[Record] = deque()  # right end = most recently used (LIFO reuse)
         self._waiters: deque[Waiter] = deque()  # left end = oldest
         self._records: set[Record] = set()  # every open connection; changed on open/close only
@@ -90,6 +107,12 @@ class Pool:
         self._ping_failures = 0
         self._restores = 0
         self._server_restarts = 0
+        self._leaks = 0
+        # durations (seconds): acquire wait, hold (use), connection creation, statements
+        self._h_wait = Histogram()
+        self._h_use = Histogram()
+        self._h_create = Histogram()
+        self._h_query = Histogram()
 
     def _apply_limits(self, config: PoolConfig) -> None:
         # Copied to plain attributes: the hot paths read them on every call.
@@ -100,6 +123,7 @@ class Pool:
         self._acquire_timeout = config.acquire_timeout
         self._ping_window = config.ping_after_idle if config.pre_ping else float("inf")
         self._always_reset = config.reset is ResetPolicy.ALWAYS
+        self._leak_threshold = config.leak_threshold
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,9 +185,14 @@ class Pool:
         for task in list(self._workers):
             if task is not asyncio.current_task():
                 task.cancel()
+        now = _monotonic()
         for record in list(self._records):
             if record.state is ConnState.IN_USE:
                 # Still held after the drain timeout: cut it off; a late release is ignored.
+                self.events.emit(ev.HeldAtClose(
+                    node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
+                    stack=record.stack,
+                ))
                 record.conn.terminate()
                 self._retire(record, CloseReason.POOL_CLOSED)
         pending = (self._workers | self._io) - {asyncio.current_task()}
@@ -232,10 +261,14 @@ class Pool:
         if not self._admitting:
             raise self._not_admitting()
         now = _monotonic()
+        at = current_deadline()
+        if at is not None and (deadline is None or at < deadline):
+            deadline = at
         if deadline is not None and deadline <= now:
             self._timeouts += 1
-            raise PoolTimeout("deadline already passed", node=self.name, state=self._state(),
-                              waited_s=0.0)
+            self._emit_timeout(0.0, "deadline")
+            raise DeadlineExceeded("deadline already passed", node=self.name,
+                                   state=self._state(), waited_s=0.0)
         idle = self._idle
         while idle and not self._waiters:
             record = idle.pop()
@@ -257,6 +290,9 @@ class Pool:
                 continue
             self._acquires += 1
             record.acquired_at = now
+            self._h_wait.observe_zero()
+            if self._leak_threshold is not None or self.events.active:
+                self._watch(record, 0.0)
             return record.conn
         return await self._wait(now, timeout, deadline)
 
@@ -265,15 +301,18 @@ class Pool:
     ) -> PooledConnection:
         if len(self._waiters) >= self._max_waiting:
             self._refusals += 1
+            self.events.emit(ev.Refused(node=self.name, reason="queue_full",
+                                        waiting=len(self._waiters), retry_after_s=None))
             raise PoolExhausted(
                 f"{len(self._waiters)} callers already waiting (max_waiting={self._max_waiting})",
                 node=self.name, state=self._state(),
             )
         limit = now + (self._acquire_timeout if timeout is None else timeout)
+        by_deadline = False
         if deadline is not None and deadline < limit:
-            limit = deadline
+            limit, by_deadline = deadline, True
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(future, now, limit)
+        waiter = Waiter(future, now, limit, by_deadline)
         self._waiters.append(waiter)
         if limit < self._expiry_at:
             self._schedule_expiry(limit, now)
@@ -293,8 +332,23 @@ class Pool:
         self._acquires += 1
         self._waited += 1
         self._wait_s += done - now
+        self._h_wait.observe(done - now)
         record.acquired_at = done
+        if self._leak_threshold is not None or self.events.active:
+            self._watch(record, done - now)
         return record.conn
+
+    def _watch(self, record: Record, wait_s: float) -> None:
+        """Acquire-time bookkeeping that is off unless asked for: the acquiring stack for
+        leak reports, and the per-acquire event."""
+        if self._leak_threshold is not None:
+            record.stack = _caller_stack()
+            record.leak_reported = False
+        if self.events.active:
+            self.events.emit(ev.Acquired(node=self.name, wait_s=wait_s))
+
+    def _emit_timeout(self, waited_s: float, reason: str) -> None:
+        self.events.emit(ev.TimedOut(node=self.name, waited_s=waited_s, reason=reason))
 
     def _not_admitting(self) -> PoolClosed:
         if self._closing:
@@ -325,8 +379,16 @@ class Pool:
             return
         self._forget(waiter)
         self._timeouts += 1
-        error = PoolTimeout("no connection available", node=self.name, state=self._state(),
-                            waited_s=_monotonic() - waiter.since)
+        waited = _monotonic() - waiter.since
+        error: PoolTimeout
+        if waiter.by_deadline:
+            self._emit_timeout(waited, "deadline")
+            error = DeadlineExceeded("deadline passed while waiting for a connection",
+                                     node=self.name, state=self._state(), waited_s=waited)
+        else:
+            self._emit_timeout(waited, "acquire_timeout")
+            error = PoolTimeout("no connection available", node=self.name, state=self._state(),
+                                waited_s=waited)
         error.__cause__ = self._last_error
         waiter.future.set_exception(error)
 
@@ -349,6 +411,8 @@ class Pool:
             self._ping_failures += 1
             self._suspect_before = _monotonic()
             self._last_error = exc
+            self.events.emit(ev.PingFailed(
+                node=self.name, error=_driver.describe_error(exc, self._config)))
             self._retire(record, CloseReason.PING_FAILED)
             return False
         record.idle_since = _monotonic()
@@ -372,6 +436,10 @@ class Pool:
             record = self._checked_out(conn)
             if record is None:
                 return
+        now = _monotonic()
+        self._h_use.observe(now - record.acquired_at)
+        if self.events.active:
+            self.events.emit(ev.Released(node=self.name, hold_s=now - record.acquired_at))
         if discard:
             self._retire(record, CloseReason.DISCARDED)
             return
@@ -385,7 +453,7 @@ class Pool:
             full = reset or self._always_reset
             await asyncio.shield(self._track(self._restore(record, full=full)))
             return
-        self._reuse(record)
+        self._reuse(record, now)
 
     def _checked_out(self, conn: PooledConnection) -> Record | None:
         record: Record | None = getattr(conn, "_pw_record", None)
@@ -406,8 +474,7 @@ class Pool:
             return CloseReason.SERVER_RESTARTED
         return None
 
-    def _reuse(self, record: Record) -> None:
-        now = _monotonic()
+    def _reuse(self, record: Record, now: float) -> None:
         stale = self._stale_reason(record, now)
         if stale is None:
             self._hand_on(record, now)
@@ -425,7 +492,7 @@ class Pool:
                 self._retire(record, CloseReason.RESET_FAILED)
             return
         self._restores += 1
-        self._reuse(record)
+        self._reuse(record, _monotonic())
 
     def _connection_lost(self, record: Record) -> None:
         """A checked-out connection turned out dead: retire it and make idle siblings
@@ -467,6 +534,8 @@ class Pool:
         record.state = ConnState.CLOSED
         self._records.discard(record)
         self._closed_by[reason.value] += 1
+        self.events.emit(ev.ConnectionClosed(
+            node=self.name, reason=reason.value, age_s=_monotonic() - record.created_at))
         self._track(_driver.close_quietly(record.conn, self._config.release_timeout))
 
     def _total(self) -> int:
@@ -501,6 +570,10 @@ class Pool:
             self._backoff.failed()
             self._last_error = self._connection_failed(exc)
             self._last_error.__cause__ = exc
+            self.events.emit(ev.ConnectFailed(
+                node=self.name, error=_driver.describe_error(exc, self._config),
+                attempt=self._backoff.failures, next_delay_s=self._backoff.delay(),
+            ))
             self._grow()
             return
         self._n_opening -= 1
@@ -514,6 +587,7 @@ class Pool:
 
     async def _connect(self) -> Record:
         """Open one connection and learn the server's start time (restart detection)."""
+        begun = _monotonic()
         try:
             conn = await _driver.open_connection(self._config)
             try:
@@ -525,23 +599,29 @@ class Pool:
             self._connect_errors += 1
             raise
         self._created += 1
+        now = _monotonic()
+        self._h_create.observe(now - begun)
+        self.events.emit(ev.ConnectionOpened(
+            node=self.name, pid=conn.get_server_pid(), duration_s=now - begun))
         if started > self._server_started_at:
             if self._server_started_at:
                 self._server_restarts += 1
-                self._invalidate_older_idle(started)
+                self.events.emit(ev.ServerRestarted(
+                    node=self.name, invalidated=self._invalidate_older_idle(started)))
             self._server_started_at = started
-        now = _monotonic()
         expires = lifetime_deadline(now, self._config.max_lifetime, self._config.lifetime_jitter)
         record = Record(conn, self, now=now, expires_at=expires, server_started_at=started)
         self._records.add(record)
         return record
 
-    def _invalidate_older_idle(self, started: float) -> None:
+    def _invalidate_older_idle(self, started: float) -> int:
         keep = [r for r in self._idle if r.server_started_at >= started]
         for record in self._idle:
             if record.server_started_at < started:
                 self._close_record(record, CloseReason.SERVER_RESTARTED)
+        dropped = len(self._idle) - len(keep)
         self._idle = deque(keep)
+        return dropped
 
     def maintain(self) -> None:
         """One maintenance pass (the background task calls it every interval): close idle
@@ -564,7 +644,24 @@ class Pool:
                 total -= 1
                 self._close_record(record, reason)
         self._idle = keep
+        if self._leak_threshold is not None:
+            self._report_leaks(now - self._leak_threshold, now)
         self._grow()
+
+    def _report_leaks(self, acquired_before: float, now: float) -> None:
+        """One warning per checkout held since before ``acquired_before``."""
+        for record in self._records:
+            if (
+                record.state is _IN_USE
+                and not record.leak_reported
+                and record.acquired_at < acquired_before
+            ):
+                record.leak_reported = True
+                self._leaks += 1
+                self.events.emit(ev.LeakSuspected(
+                    node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
+                    stack=record.stack,
+                ))
 
     def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
         reason = _driver.describe_error(exc, self._config)
@@ -577,14 +674,15 @@ class Pool:
         return dsn_target(self._config.dsn)
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
-        """Run background work that close() cancels."""
-        task = asyncio.ensure_future(coro)
+        """Run background work that close() cancels. It runs in a fresh context: work done
+        for the pool does not inherit the deadline of the caller that triggered it."""
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._workers.add(task)
         task.add_done_callback(self._workers.discard)
 
     def _track(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
         """Run I/O that must finish even if its caller is cancelled; close() awaits it."""
-        task = asyncio.ensure_future(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._io.add(task)
         task.add_done_callback(self._io.discard)
         return task
@@ -617,7 +715,11 @@ class Pool:
             connection_errors_total=self._connect_errors,
             connections_closed_total=dict(self._closed_by), pings_total=self._pings,
             ping_failures_total=self._ping_failures, restores_total=self._restores,
-            server_restarts_total=self._server_restarts,
+            server_restarts_total=self._server_restarts, leaks_total=self._leaks,
+            histograms={
+                "wait": self._h_wait.snapshot(), "use": self._h_use.snapshot(),
+                "create": self._h_create.snapshot(), "query": self._h_query.snapshot(),
+            },
         )
 
     def __repr__(self) -> str:
@@ -654,7 +756,31 @@ class Checkout:
             if record is not None:
                 self._pool._connection_lost(record)
             return
+        held = _monotonic() - conn._pw_record.acquired_at if conn._pw_record else 0.0
         await self._pool.release(conn, reset=self._reset)
+        if e is not None and _driver.is_timeout(e):
+            at = current_deadline()
+            if at is not None and _monotonic() >= at:
+                pool = self._pool
+                raise DeadlineExceeded(
+                    "deadline passed while a statement ran (it was cancelled)",
+                    node=pool.name, state=pool._state(), waited_s=held,
+                ) from e
+
+
+_POOL_DIR = os.path.dirname(__file__)
+
+
+def _caller_stack(limit: int = 12) -> str:
+    """The stack of the code that acquired, without the pool's own frames."""
+    frames = [f for f in traceback.extract_stack(limit=limit + 4)
+              if not f.filename.startswith(_POOL_DIR)]
+    return "".join(traceback.format_list(frames[-limit:]))
+
+
+def _pid(record: Record) -> int | None:
+    conn = record.conn
+    return None if conn.is_closed() else conn.get_server_pid()
 
 
 async def _maintain_periodically(pool_ref: weakref.ref[Pool], interval: float) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .histogram import HistogramSnapshot
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -46,6 +48,9 @@ class PoolStats:
     ping_failures_total: int = 0
     restores_total: int = 0  # releases that needed a rollback / reset round trip
     server_restarts_total: int = 0
+    leaks_total: int = 0  # checkouts held longer than leak_threshold
+    # cumulative duration histograms: "wait" (acquire), "use" (hold), "create", "query"
+    histograms: Mapping[str, HistogramSnapshot] = field(default_factory=dict)
 
     @property
     def utilisation(self) -> float:
@@ -61,4 +66,8 @@ class PoolStats:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["connections_closed_total"] = dict(self.connections_closed_total)
+        out["histograms"] = {
+            kind: {"bounds_s": list(h.bounds_s), "counts": list(h.counts), "sum_s": h.sum_s}
+            for kind, h in self.histograms.items()
+        }
         return out
