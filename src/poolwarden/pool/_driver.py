@@ -155,8 +155,9 @@ def bind_deadline(conn: asyncpg.Connection) -> bool:
 
 async def server_started_at(conn: PooledConnection, timeout: float) -> float:
     """The server's start time (epoch seconds): a newer value means the server restarted."""
-    started = await conn.fetchval(
-        "SELECT extract(epoch FROM pg_postmaster_start_time())::float8", timeout=timeout
+    # asyncpg.Connection's own methods: the pool's statements stay out of query stats
+    started = await asyncpg.Connection.fetchval(
+        conn, "SELECT extract(epoch FROM pg_postmaster_start_time())::float8", timeout=timeout
     )
     return float(started)
 
@@ -195,12 +196,12 @@ async def restore(conn: PooledConnection, *, full: bool, timeout: float) -> None
             # A transaction object whose __aexit__ never ran (cancelled task) would make
             # the next user's conn.transaction() a savepoint: forget it, then roll back.
             conn._top_xact = None
-            await conn.execute("ROLLBACK", timeout=timeout)
+            await asyncpg.Connection.execute(conn, "ROLLBACK", timeout=timeout)
 
 
 async def ping(conn: PooledConnection, timeout: float) -> None:
     """One round trip proving the connection and the server are alive; raises if not."""
-    await conn.execute("SELECT 1", timeout=timeout)
+    await asyncpg.Connection.execute(conn, "SELECT 1", timeout=timeout)
 
 
 async def close_quietly(conn: PooledConnection, timeout: float) -> None:

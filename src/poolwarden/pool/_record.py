@@ -68,7 +68,8 @@ class Record:
         # last moment the connection was known good (created, pinged or used successfully)
         self.verified_at = now
         self.server_started_at = server_started_at
-        self.stack: str | None = None  # where it was acquired (only with leak detection)
+        # where it was acquired: (file, line, function) frames, only with leak detection
+        self.stack: tuple[tuple[str, int, str], ...] | None = None
         self.leak_reported = False  # the current checkout was reported as a leak
         conn._pw_record = self
 

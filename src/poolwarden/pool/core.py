@@ -18,8 +18,10 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import sys
 import time
 import traceback
+import types
 import weakref
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,7 @@ from ..errors import (
 from ..events import EventBus
 from . import _driver
 from ._driver import PooledConnection
+from ._observed import ObservedConnection, QueryObserver
 from ._policy import Backoff, lifetime_deadline
 from ._record import CloseReason, ConnState, Record
 from ._waiter import Waiter
@@ -113,6 +116,16 @@ class Pool:
         self._h_use = Histogram()
         self._h_create = Histogram()
         self._h_query = Histogram()
+        # statements are timed (histogram, slow-query log) by connections of this class
+        self._observer: QueryObserver | None = None
+        self._connection_class = PooledConnection
+        if config.query_stats or config.slow_query_threshold is not None:
+            self._observer = QueryObserver(
+                node=config.name, events=self.events, histogram=self._h_query,
+                slow_threshold_s=config.slow_query_threshold,
+                log_params=config.log_query_params,
+            )
+            self._connection_class = ObservedConnection
 
     def _apply_limits(self, config: PoolConfig) -> None:
         # Copied to plain attributes: the hot paths read them on every call.
@@ -191,7 +204,7 @@ class Pool:
                 # Still held after the drain timeout: cut it off; a late release is ignored.
                 self.events.emit(ev.HeldAtClose(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=record.stack,
+                    stack=_format_stack(record.stack),
                 ))
                 record.conn.terminate()
                 self._retire(record, CloseReason.POOL_CLOSED)
@@ -589,7 +602,8 @@ class Pool:
         """Open one connection and learn the server's start time (restart detection)."""
         begun = _monotonic()
         try:
-            conn = await _driver.open_connection(self._config)
+            conn = await _driver.open_connection(
+                self._config, connection_class=self._connection_class)
             try:
                 started = await _driver.server_started_at(conn, self._config.connect_timeout)
             except BaseException:
@@ -599,6 +613,7 @@ class Pool:
             self._connect_errors += 1
             raise
         self._created += 1
+        conn._pw_observer = self._observer
         now = _monotonic()
         self._h_create.observe(now - begun)
         self.events.emit(ev.ConnectionOpened(
@@ -660,7 +675,7 @@ class Pool:
                 self._leaks += 1
                 self.events.emit(ev.LeakSuspected(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=record.stack,
+                    stack=_format_stack(record.stack),
                 ))
 
     def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
@@ -769,13 +784,29 @@ class Checkout:
 
 
 _POOL_DIR = os.path.dirname(__file__)
+StackRef = tuple[tuple[str, int, str], ...]
 
 
-def _caller_stack(limit: int = 12) -> str:
-    """The stack of the code that acquired, without the pool's own frames."""
-    frames = [f for f in traceback.extract_stack(limit=limit + 4)
-              if not f.filename.startswith(_POOL_DIR)]
-    return "".join(traceback.format_list(frames[-limit:]))
+def _caller_stack(limit: int = 12) -> StackRef:
+    """Where the caller acquired, cheaply: (file, line, function) of up to ``limit`` frames
+    outside the pool, innermost first. No frame objects are kept (they would keep the
+    caller's locals alive); the text is made only if a leak is reported."""
+    frames: list[tuple[str, int, str]] = []
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and len(frames) < limit:
+        code = frame.f_code
+        if not code.co_filename.startswith(_POOL_DIR):
+            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return tuple(frames)
+
+
+def _format_stack(stack: StackRef | None) -> str | None:
+    if not stack:
+        return None
+    summary = traceback.StackSummary.from_list(
+        [traceback.FrameSummary(f, line, name) for f, line, name in reversed(stack)])
+    return "".join(summary.format())
 
 
 def _pid(record: Record) -> int | None:
