@@ -106,7 +106,7 @@ async def test_stopped_server_fails_within_timeout_without_leaking_password(
             assert fresh_pg.password not in health.error
             assert_no_secret(health, fresh_pg.password)
         assert health.error is not None
-        assert health.error.startswith(("PoolTimeout", "DeadlineExceeded"))
+        assert health.error.startswith(("PoolTimeout", "DeadlineExceeded", "CircuitOpen"))
         assert "cause: ConnectionFailed" in health.error
 
 

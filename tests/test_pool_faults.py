@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from pool_helpers import assert_clean, config_for, open_pool, terminate
-from poolwarden import ConnectionFailed, Pool, PoolTimeout, PoolwardenError
+from poolwarden import CircuitOpen, ConnectionFailed, Pool, PoolTimeout, PoolwardenError
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.testing import FaultProxy
 
@@ -111,7 +111,9 @@ async def test_server_down_gives_timeouts_caused_by_the_connection_error_then_re
         await asyncio.to_thread(fresh_pg.stop, "fast")
         await asyncio.sleep(0.2)
         started = time.monotonic()
-        with pytest.raises(PoolTimeout) as timed_out:
+        # a timeout, or — once the reconnect attempts have failed in a row — the breaker's
+        # fast refusal; either way caused by the connection error
+        with pytest.raises((PoolTimeout, CircuitOpen)) as timed_out:
             async with pool.connection() as conn:
                 await conn.fetchval("SELECT 1")
         assert time.monotonic() - started < 3
@@ -123,7 +125,7 @@ async def test_server_down_gives_timeouts_caused_by_the_connection_error_then_re
                 async with pool.connection(timeout=1) as conn:
                     assert await conn.fetchval("SELECT 1") == 1
                 break
-            except PoolTimeout:
+            except (PoolTimeout, CircuitOpen):
                 await asyncio.sleep(0.1)
         else:
             pytest.fail("the pool did not recover after the server came back")
@@ -185,14 +187,16 @@ async def test_refused_connections_are_retried_with_backoff_not_a_stampede(
             *(pool.acquire() for _ in range(200)), return_exceptions=True
         )
         attempts = proxy.connections_accepted - accepted_before
-        assert all(isinstance(r, PoolTimeout) for r in results)
+        # waiting until their timeout, or failed fast once the breaker opened
+        assert all(isinstance(r, PoolTimeout | CircuitOpen) for r in results)
         assert 1 <= attempts < 80
         assert pool.stats().connection_errors_total >= attempts - 2
         proxy.heal()
         for _ in range(30):
-            with contextlib.suppress(PoolTimeout):
+            with contextlib.suppress(PoolTimeout, CircuitOpen):
                 async with pool.connection(timeout=0.5) as conn:
                     assert await conn.fetchval("SELECT 1") == 1
                     break
+            await asyncio.sleep(0.1)  # a refusal by the open breaker is immediate
         else:
             pytest.fail("no recovery after heal")

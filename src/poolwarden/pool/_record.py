@@ -41,6 +41,7 @@ class Record:
         "created_at",
         "expires_at",
         "idle_since",
+        "inflight",
         "leak_reported",
         "pool",
         "server_started_at",
@@ -71,6 +72,7 @@ class Record:
         # where it was acquired: (file, line, function) frames, only with leak detection
         self.stack: tuple[tuple[str, int, str], ...] | None = None
         self.leak_reported = False  # the current checkout was reported as a leak
+        self.inflight = 0  # connections in use when this checkout began (adaptive limit)
         conn._pw_record = self
 
     def __repr__(self) -> str:

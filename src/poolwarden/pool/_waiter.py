@@ -17,16 +17,18 @@ class Waiter:
     cancelled *after* accepting gives the connection back itself (see ``Pool._wait``).
     """
 
-    __slots__ = ("by_deadline", "deadline", "future", "since")
+    __slots__ = ("deadline", "future", "limit", "since")
 
     def __init__(
         self, future: asyncio.Future[Record], since: float, deadline: float,
-        by_deadline: bool = False,
+        limit: str = "acquire_timeout",
     ) -> None:
         self.future = future
         self.since = since
         self.deadline = deadline  # time.monotonic() instant after which it gives up
-        self.by_deadline = by_deadline  # the caller's deadline, not the acquire timeout
+        # what set that instant: "acquire_timeout", the caller's "deadline", or "shed"
+        # (overload admission caps how long a waiter may stay queued)
+        self.limit = limit
 
     def offer(self, record: Record) -> bool:
         """Hand ``record`` to this waiter; ``False`` if it no longer wants one."""

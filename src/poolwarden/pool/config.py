@@ -15,6 +15,9 @@ from typing import Any
 
 from .._secrets import dsn_target, mask_dsn
 from ..errors import ConfigProblem, ConfigurationError
+from ..protect.admission import AdmissionConfig
+from ..protect.breaker import BreakerConfig
+from ..protect.limiter import LimiterConfig
 
 InitHook = Callable[[Any], Awaitable[None]]
 """``async def init(conn: asyncpg.Connection) -> None``: runs once on every new connection
@@ -78,6 +81,12 @@ class PoolConfig:
     log_query_params: bool = False  # put parameters in slow-query logs (off: secrets)
     leak_threshold: float | None = None  # warn (with the acquiring stack) when held longer
     echo_pool: bool = False  # log every pool event at INFO (DB_ECHO_POOL)
+    # protection (None: off)
+    admission: AdmissionConfig | None = None  # refuse at once what would wait too long
+    # per node; it counts connection attempts: losing many connections at once (a restart)
+    # is one event, and the reconnect attempts that follow tell whether the node is down
+    breaker: BreakerConfig | None = field(default_factory=lambda: BreakerConfig(open_s=0.5))
+    limiter: LimiterConfig | None = None  # adaptive concurrency limit (max = max_size)
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))

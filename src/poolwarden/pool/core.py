@@ -30,6 +30,7 @@ from .. import events as ev
 from .._secrets import dsn_target
 from ..deadline import current_deadline
 from ..errors import (
+    CircuitOpen,
     ConnectionFailed,
     DeadlineExceeded,
     PoolClosed,
@@ -39,6 +40,9 @@ from ..errors import (
     PoolTimeout,
 )
 from ..events import EventBus
+from ..protect.admission import Admission
+from ..protect.breaker import BreakerState, CircuitBreaker, Transition
+from ..protect.limiter import AdaptiveLimit
 from . import _driver
 from ._driver import PooledConnection
 from ._observed import ObservedConnection, QueryObserver
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 _monotonic = time.monotonic
 _NEVER = float("inf")
 _IN_USE = ConnState.IN_USE
+_CLOSED = BreakerState.CLOSED
 
 
 class Pool:
@@ -116,6 +121,9 @@ class Pool:
         self._h_use = Histogram()
         self._h_create = Histogram()
         self._h_query = Histogram()
+        self._shed = 0
+        self._circuit_refusals = 0
+        self._set_up_protection(config)
         # statements are timed (histogram, slow-query log) by connections of this class
         self._observer: QueryObserver | None = None
         self._connection_class = PooledConnection
@@ -127,6 +135,26 @@ class Pool:
             )
             self._connection_class = ObservedConnection
 
+    def _set_up_protection(self, config: PoolConfig) -> None:
+        """Admission of waiters, the circuit breaker, the adaptive concurrency limit."""
+        self._admission = (
+            Admission(config.admission, on_change=self._overload_changed)
+            if config.admission is not None else None
+        )
+        self._breaker = (
+            CircuitBreaker(config.breaker, on_transition=self._breaker_changed)
+            if config.breaker is not None else None
+        )
+        self._limiter: AdaptiveLimit | None = None
+        if config.limiter is not None:
+            bounds = dataclasses.replace(
+                config.limiter, max_limit=config.max_size,
+                min_limit=min(config.limiter.min_limit, config.max_size),
+                initial=min(config.limiter.initial, config.max_size),
+            )
+            self._limiter = AdaptiveLimit(bounds, on_change=self._limit_changed)
+        self._limit = self._max_size if self._limiter is None else self._limiter.limit
+
     def _apply_limits(self, config: PoolConfig) -> None:
         # Copied to plain attributes: the hot paths read them on every call.
         self._min_size = config.min_size
@@ -137,6 +165,8 @@ class Pool:
         self._ping_window = config.ping_after_idle if config.pre_ping else float("inf")
         self._always_reset = config.reset is ResetPolicy.ALWAYS
         self._leak_threshold = config.leak_threshold
+        limiter = getattr(self, "_limiter", None)
+        self._limit = config.max_size if limiter is None else min(limiter.limit, config.max_size)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,8 +312,11 @@ class Pool:
             self._emit_timeout(0.0, "deadline")
             raise DeadlineExceeded("deadline already passed", node=self.name,
                                    state=self._state(), waited_s=0.0)
+        breaker = self._breaker
+        if breaker is not None and breaker.state is not _CLOSED and not breaker.allow(now):
+            raise self._circuit_open(now)
         idle = self._idle
-        while idle and not self._waiters:
+        while idle and not self._waiters and self._n_in_use < self._limit:
             record = idle.pop()
             record.state = ConnState.IN_USE
             self._n_in_use += 1
@@ -303,29 +336,48 @@ class Pool:
                 continue
             self._acquires += 1
             record.acquired_at = now
+            record.inflight = self._n_in_use
             self._h_wait.observe_zero()
             if self._leak_threshold is not None or self.events.active:
                 self._watch(record, 0.0)
             return record.conn
-        return await self._wait(now, timeout, deadline)
+        if breaker is None or breaker.state is _CLOSED:
+            return await self._wait(now, timeout, deadline)
+        try:  # a half-open probe: if it never gets a connection, free its probe slot
+            return await self._wait(now, timeout, deadline)
+        except BaseException:
+            breaker.record_abandoned(_monotonic())
+            raise
 
     async def _wait(
         self, now: float, timeout: float | None, deadline: float | None
     ) -> PooledConnection:
-        if len(self._waiters) >= self._max_waiting:
+        waiting = len(self._waiters)
+        if waiting >= self._max_waiting:
             self._refusals += 1
+            retry = self.retry_after()
             self.events.emit(ev.Refused(node=self.name, reason="queue_full",
-                                        waiting=len(self._waiters), retry_after_s=None))
+                                        waiting=waiting, retry_after_s=retry))
             raise PoolExhausted(
-                f"{len(self._waiters)} callers already waiting (max_waiting={self._max_waiting})",
-                node=self.name, state=self._state(),
+                f"{waiting} callers already waiting (max_waiting={self._max_waiting})",
+                node=self.name, state=self._state(), retry_after_s=retry,
             )
         limit = now + (self._acquire_timeout if timeout is None else timeout)
-        by_deadline = False
+        why = "acquire_timeout"
         if deadline is not None and deadline < limit:
-            limit, by_deadline = deadline, True
+            limit, why = deadline, "deadline"
+        admission = self._admission
+        if admission is not None:
+            budget = limit - now
+            retry_after = admission.admit(waiting, self._limit, budget, now)
+            if retry_after is not None:
+                raise self._shed_now(waiting, retry_after, admission.expected_wait(
+                    waiting, self._limit))
+            cap = now + admission.max_wait(budget)
+            if cap < limit:
+                limit, why = cap, "shed"
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(future, now, limit, by_deadline)
+        waiter = Waiter(future, now, limit, why)
         self._waiters.append(waiter)
         if limit < self._expiry_at:
             self._schedule_expiry(limit, now)
@@ -346,7 +398,10 @@ class Pool:
         self._waited += 1
         self._wait_s += done - now
         self._h_wait.observe(done - now)
+        if admission is not None:
+            admission.on_served(done - now, done)
         record.acquired_at = done
+        record.inflight = self._n_in_use
         if self._leak_threshold is not None or self.events.active:
             self._watch(record, done - now)
         return record.conn
@@ -359,6 +414,80 @@ class Pool:
             record.leak_reported = False
         if self.events.active:
             self.events.emit(ev.Acquired(node=self.name, wait_s=wait_s))
+
+    def _shed_now(self, waiting: int, retry_after: float, expected: float) -> PoolExhausted:
+        """Refuse a caller at once under overload (admission said no)."""
+        self._shed += 1
+        self.events.emit(ev.Refused(node=self.name, reason="overload", waiting=waiting,
+                                    retry_after_s=retry_after))
+        return PoolExhausted(
+            f"overloaded: expected wait {expected * 1000:.0f} ms behind {waiting} callers; "
+            f"retry in {retry_after * 1000:.0f} ms",
+            node=self.name, state=self._state(), retry_after_s=retry_after,
+        )
+
+    def _circuit_open(self, now: float) -> CircuitOpen:
+        assert self._breaker is not None
+        self._circuit_refusals += 1
+        retry = self._breaker.retry_after(now)
+        self.events.emit(ev.Refused(node=self.name, reason="circuit_open",
+                                    waiting=len(self._waiters), retry_after_s=retry))
+        error = CircuitOpen(
+            f"circuit open after repeated connection failures; next probe in {retry:.1f} s",
+            node=self.name, state=self._state(), retry_after_s=retry,
+        )
+        error.__cause__ = self._last_error
+        return error
+
+    def retry_after(self) -> float:
+        """An estimate (seconds) of when a refused caller may succeed: the time for the
+        current queue to drain at the observed hold time; the breaker's open period left
+        while it is open."""
+        now = _monotonic()
+        if self._breaker is not None and self._breaker.state is not _CLOSED:
+            return max(self._breaker.retry_after(now), 0.001)
+        if self._admission is not None:
+            return self._admission.retry_after(len(self._waiters), self._limit)
+        uses = self._h_use
+        n = uses.count
+        hold = uses.sum_s / n if n else 0.01
+        return max(0.001, (len(self._waiters) + 1) * hold / max(self._limit, 1))
+
+    # ------------------------------------------------------------------ protection callbacks
+
+    def _breaker_changed(self, change: Transition) -> None:
+        self.events.emit(ev.BreakerChanged(node=self.name, old=change.old.value,
+                                           new=change.new.value, reason=change.reason))
+        if change.new is BreakerState.OPEN:
+            # Fail fast: nobody keeps waiting for a node that is down.
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(self._circuit_open(change.at))
+
+    def _overload_changed(self, overloaded: bool, queue_delay_s: float) -> None:
+        self.events.emit(ev.OverloadChanged(node=self.name, overloaded=overloaded,
+                                            queue_delay_s=queue_delay_s))
+
+    def _limit_changed(self, old: int, new: int) -> None:
+        self._limit = min(new, self._max_size)
+        self.events.emit(ev.LimitChanged(node=self.name, old=old, new=new))
+        if new > old:
+            self._serve_waiters_from_idle()
+            self._grow()
+
+    def _serve_waiters_from_idle(self) -> None:
+        """The limit rose: idle connections go to waiters, up to the new limit."""
+        now = _monotonic()
+        while self._waiters and self._idle and self._n_in_use < self._limit:
+            record = self._idle.pop()
+            record.state = ConnState.IN_USE
+            self._n_in_use += 1
+            stale = self._stale_reason(record, now)
+            if stale is not None or record.conn.is_closed():
+                self._retire(record, stale or CloseReason.ERROR)
+                continue
+            self._hand_on(record, now)
 
     def _emit_timeout(self, waited_s: float, reason: str) -> None:
         self.events.emit(ev.TimedOut(node=self.name, waited_s=waited_s, reason=reason))
@@ -392,12 +521,23 @@ class Pool:
             return
         self._forget(waiter)
         self._timeouts += 1
-        waited = _monotonic() - waiter.since
-        error: PoolTimeout
-        if waiter.by_deadline:
+        now = _monotonic()
+        waited = now - waiter.since
+        if self._limiter is not None:
+            self._limiter.on_drop(now)
+        error: PoolTimeout | PoolExhausted
+        if waiter.limit == "deadline":
             self._emit_timeout(waited, "deadline")
             error = DeadlineExceeded("deadline passed while waiting for a connection",
                                      node=self.name, state=self._state(), waited_s=waited)
+        elif waiter.limit == "shed":
+            self._emit_timeout(waited, "shed")
+            self._shed += 1
+            self._timeouts -= 1  # counted as shed, not as a timeout
+            error = PoolExhausted(
+                f"overloaded: shed after waiting {waited * 1000:.0f} ms",
+                node=self.name, state=self._state(), retry_after_s=self.retry_after(),
+            )
         else:
             self._emit_timeout(waited, "acquire_timeout")
             error = PoolTimeout("no connection available", node=self.name, state=self._state(),
@@ -450,9 +590,14 @@ class Pool:
             if record is None:
                 return
         now = _monotonic()
-        self._h_use.observe(now - record.acquired_at)
+        hold = now - record.acquired_at
+        self._h_use.observe(hold)
+        if self._admission is not None:
+            self._admission.on_hold(hold)
+        if self._limiter is not None:
+            self._limiter.on_sample(hold, record.inflight, now)
         if self.events.active:
-            self.events.emit(ev.Released(node=self.name, hold_s=now - record.acquired_at))
+            self.events.emit(ev.Released(node=self.name, hold_s=hold))
         if discard:
             self._retire(record, CloseReason.DISCARDED)
             return
@@ -488,6 +633,8 @@ class Pool:
         return None
 
     def _reuse(self, record: Record, now: float) -> None:
+        if self._breaker is not None:
+            self._breaker.record_success(now)  # the connection came back healthy
         stale = self._stale_reason(record, now)
         if stale is None:
             self._hand_on(record, now)
@@ -519,9 +666,12 @@ class Pool:
         """Give an in-use record to the oldest live waiter, else make it idle (or close it
         when it is above ``pool_size`` or the pool is closing). Synchronous: atomic."""
         waiters = self._waiters
-        while waiters:
-            if waiters.popleft().offer(record):
-                return
+        if self._n_in_use <= self._limit:  # (``record`` is counted in use)
+            while waiters:
+                if waiters.popleft().offer(record):
+                    return
+            if self._admission is not None:
+                self._admission.on_queue_empty(0.0)
         self._n_in_use -= 1
         if self._closing or len(self._idle) + self._n_in_use + self._n_opening >= self._pool_size:
             self._n_in_use += 1  # _retire counts it out
@@ -561,7 +711,8 @@ class Pool:
         if self._closing or not self._opened:
             return
         total = self._total()
-        wanted = max(len(self._waiters) - self._n_opening, self._min_size - total)
+        servable = min(len(self._waiters), self._limit - self._n_in_use) - len(self._idle)
+        wanted = max(servable - self._n_opening, self._min_size - total)
         limit = self._config.max_concurrent_connects
         while wanted > 0 and total < self._max_size and self._n_opening < limit:
             self._n_opening += 1
@@ -581,6 +732,8 @@ class Pool:
         except Exception as exc:
             self._n_opening -= 1
             self._backoff.failed()
+            if self._breaker is not None:
+                self._breaker.record_failure(_monotonic())
             self._last_error = self._connection_failed(exc)
             self._last_error.__cause__ = exc
             self.events.emit(ev.ConnectFailed(
@@ -591,6 +744,8 @@ class Pool:
             return
         self._n_opening -= 1
         self._backoff.succeeded()
+        if self._breaker is not None:
+            self._breaker.record_success(_monotonic())
         self._n_in_use += 1
         if self._closing:
             self._retire(record, CloseReason.POOL_CLOSED)
@@ -731,6 +886,10 @@ class Pool:
             connections_closed_total=dict(self._closed_by), pings_total=self._pings,
             ping_failures_total=self._ping_failures, restores_total=self._restores,
             server_restarts_total=self._server_restarts, leaks_total=self._leaks,
+            acquire_shed_total=self._shed, circuit_refusals_total=self._circuit_refusals,
+            breaker_state=self._breaker.state.value if self._breaker else "disabled",
+            concurrency_limit=self._limit,
+            overloaded=self._admission.overloaded if self._admission else False,
             histograms={
                 "wait": self._h_wait.snapshot(), "use": self._h_use.snapshot(),
                 "create": self._h_create.snapshot(), "query": self._h_query.snapshot(),

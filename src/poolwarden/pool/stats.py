@@ -49,6 +49,11 @@ class PoolStats:
     restores_total: int = 0  # releases that needed a rollback / reset round trip
     server_restarts_total: int = 0
     leaks_total: int = 0  # checkouts held longer than leak_threshold
+    acquire_shed_total: int = 0  # refused or shed by overload admission
+    circuit_refusals_total: int = 0  # refused at once while the circuit breaker was open
+    breaker_state: str = "disabled"  # closed | open | half_open | disabled (current)
+    concurrency_limit: int = 0  # connections that may be in use at once (current)
+    overloaded: bool = False  # admission is in overload mode (current)
     # cumulative duration histograms: "wait" (acquire), "use" (hold), "create", "query"
     histograms: Mapping[str, HistogramSnapshot] = field(default_factory=dict)
 
