@@ -20,11 +20,23 @@ without prometheus-client too: :class:`NoopMetrics` (the no-op exporter behind t
 :class:`PoolMetrics` or calling :func:`render` then raises ``ImportError`` naming the
 ``poolwarden[metrics]`` extra. :func:`make_exporter` picks whichever is available.
 
-Histograms (``db_client_connection_create_time_seconds``, ``…_wait_time_seconds``,
-``…_use_time_seconds``) need per-operation data the pool core does not record yet. They are
-not invented from the totals: a histogram appears only once a :class:`HistogramSnapshot` is
-fed, through :meth:`PoolMetrics.observe_histogram` or, picked up by :meth:`PoolMetrics.sync`,
-a ``histograms`` mapping on the stats snapshot (``{"create" | "wait" | "use": snapshot}``).
+Histograms come from the pool core's fixed-bucket histograms (``PoolStats.histograms``,
+``{kind: snapshot}``), picked up by :meth:`PoolMetrics.sync`, or are fed by hand through
+:meth:`PoolMetrics.observe_histogram`; a kind appears only once a snapshot of it is fed
+(never invented from the totals). The kinds and their names (:data:`HISTOGRAMS`):
+
+- ``create``, ``wait``, ``use`` → ``db_client_connection_create_time_seconds``,
+  ``db_client_connection_wait_time_seconds``, ``db_client_connection_use_time_seconds``
+  (OTel ``db.client.connection.create_time`` / ``.wait_time`` / ``.use_time``);
+- ``query`` → ``db_client_operation_duration_seconds`` (OTel ``db.client.operation.duration``):
+  the time of each statement, raw asyncpg and SQLAlchemy alike. It carries the same
+  ``db_client_connection_pool_name`` label as every other series here, not the convention's
+  ``db_system_name`` / ``db_namespace`` / ``db_operation_name``: one label set across the
+  exporter (dashboards join by pool), and no label whose values grow with the application's
+  statements. The node name says which database; the system is always PostgreSQL.
+
+Buckets are the core's (100 µs to 60 s), the same in every worker, so in multiprocess mode
+the workers' histograms add up bucket by bucket, like the counters.
 """
 
 from __future__ import annotations
@@ -144,6 +156,9 @@ HISTOGRAMS: Final[Mapping[str, tuple[str, str]]] = {
              "Time it took to obtain an open connection from the pool."),
     "use": ("db_client_connection_use_time_seconds",
             "Time between borrowing a connection and returning it to the pool."),
+    "query": ("db_client_operation_duration_seconds",
+              "Duration of database client operations: each statement the application "
+              "sent, raw asyncpg and SQLAlchemy alike."),
 }
 """The histogram kinds :meth:`PoolMetrics.observe_histogram` accepts: kind → (name, help)."""
 
@@ -300,7 +315,7 @@ class PoolMetrics:
 
     def observe_histogram(self, node: str, kind: str, snapshot: HistogramSnapshot) -> None:
         """Feed one cumulative histogram of node ``node``; ``kind`` is a key of
-        :data:`HISTOGRAMS` (``create``, ``wait``, ``use``).
+        :data:`HISTOGRAMS` (``create``, ``wait``, ``use``, ``query``).
 
         The Prometheus histogram is created on the first snapshot of its kind, with the
         snapshot's bounds, and grows by the increments since the previous one (a decrease

@@ -53,6 +53,8 @@ from pydantic_settings import (
 from ._secrets import mask_dsn
 from .errors import ConfigProblem, ConfigurationError
 from .pool.config import PoolConfig, ResetPolicy
+from .protect.admission import AdmissionConfig
+from .protect.limiter import LimiterConfig
 
 __all__ = ["PRESETS", "DatabaseSettings", "SSLMode", "normalise_url", "parse_duration"]
 
@@ -88,12 +90,14 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "pool_size": 5, "max_overflow": 5, "pool_min_size": 1, "pool_timeout": 5.0,
         "pool_max_waiting": 200, "command_timeout": 15.0, "statement_timeout": 10.0,
         "lock_timeout": 5.0, "idle_in_transaction_timeout": 30.0, "slow_query_threshold": 0.5,
+        "pool_admission": True,
     },
     # Many requests: warm bigger pool, short bounded queue, fail fast (503) rather than pile up.
     "high_traffic": {
         "pool_size": 20, "max_overflow": 10, "pool_min_size": 10, "pool_timeout": 1.0,
         "pool_max_waiting": 100, "command_timeout": 10.0, "statement_timeout": 5.0,
         "lock_timeout": 2.0, "idle_in_transaction_timeout": 15.0, "slow_query_threshold": 0.25,
+        "pool_admission": True, "pool_adaptive_limit": True,
     },
     # Batch jobs: few connections, patient acquire, long statements.
     "background_worker": {
@@ -270,6 +274,9 @@ class DatabaseSettings(BaseSettings):
     echo_pool: bool = Field(False, description=_BOOL)
     slow_query_threshold: float = _duration_field(1.0, minimum=0, strict=True)
     log_query_params: bool = Field(False, description=_BOOL)
+    pool_admission: bool = Field(False, description=_BOOL)
+    pool_adaptive_limit: bool = Field(False, description=_BOOL)
+    breaker: bool = Field(True, description=_BOOL)
     leak_threshold: float | None = _duration_field(None, minimum=0, strict=True)
     statement_timeout: float | None = _duration_field(None, minimum=0, strict=False)
     lock_timeout: float | None = _duration_field(None, minimum=0, strict=False)
@@ -501,7 +508,12 @@ class DatabaseSettings(BaseSettings):
         ``ssl`` is an :class:`ssl.SSLContext` when certificate files are set, else the
         ``DB_SSL_MODE`` string (or ``None``: asyncpg then honours ``sslmode`` in the URL).
         """
-        options = {pool: getattr(self, setting) for setting, pool in _TO_POOL.items()}
+        options: dict[str, Any] = {
+            pool: getattr(self, setting) for setting, pool in _TO_POOL.items()}
+        options["admission"] = AdmissionConfig() if self.pool_admission else None
+        options["limiter"] = LimiterConfig() if self.pool_adaptive_limit else None
+        if not self.breaker:
+            options["breaker"] = None
         return PoolConfig(dsn=self.dsn, name=name, ssl=self._ssl(), **options)
 
     def sqlalchemy_url(self, driver: Driver = "asyncpg") -> str:

@@ -27,6 +27,19 @@ How the async engine is wired (SQLAlchemy 2.x pool hooks):
   codecs as the core set them and decodes JSON itself, so that a connection shared with the
   raw path returns the same values on both paths whichever path touched it first.
 
+Statements are timed for the core's query histogram and slow-query log (the core's
+``query_stats`` / ``slow_query_threshold``): SQLAlchemy runs them as asyncpg prepared
+statements, which the raw path's :class:`~poolwarden.pool._observed.ObservedConnection`
+does not see, so cursor events on the engine report each one to the connection's
+:class:`~poolwarden.pool._observed.QueryObserver` instead — once per cursor execution (one
+per batch of an "insertmanyvalues" INSERT). Two things stay with the raw path, which does
+see them, so that nothing is counted twice: ``executemany`` (the asyncpg dialect calls
+``Connection.executemany``) and transaction control (``BEGIN``/``COMMIT``/``ROLLBACK`` go
+through asyncpg's ``Transaction``). A statement's time is from before the cursor call to
+after it: the prepare round trip when the statement is new to the connection and, for the
+first statement of a transaction, the ``BEGIN`` sent just before it are included; rows a
+server-side cursor streams later are not.
+
 ``engine.dispose()`` forgets SQLAlchemy's per-connection state but does not close the core
 or its connections: whoever opened the core closes it. ``Connection.detach()`` is not
 supported: the core closes a detached connection (to own a connection, ``pool.acquire()``).
@@ -38,15 +51,18 @@ import asyncio
 import functools
 import logging
 import math
+import time
 import types
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy
+from sqlalchemy import event
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -63,13 +79,16 @@ from sqlalchemy.util.concurrency import in_greenlet
 from .pool import Pool, PoolConfig, PooledConnection
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
+
+    from .pool._observed import QueryObserver
 
 __all__ = [
     "ASYNC_DRIVERNAME",
     "CorePool",
     "create_async_engine_on",
     "create_sync_engine",
+    "observe_statements",
     "session_factory",
     "session_scope",
 ]
@@ -335,7 +354,73 @@ def create_async_engine_on(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
         echo=engine_kwargs.pop("echo_pool", None),
         logging_name=engine_kwargs.pop("pool_logging_name", None),
     )
-    return create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
+    engine = create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
+    if pool.config.query_stats or pool.config.slow_query_threshold is not None:
+        observe_statements(engine.sync_engine)
+    return engine
+
+
+# ------------------------------------------------------------------ statement timing
+
+_monotonic = time.monotonic
+_EXECUTEMANY = ExecuteStyle.EXECUTEMANY
+
+
+def observe_statements(engine: sqlalchemy.Engine) -> None:
+    """Report every statement ``engine`` runs on a core connection to that connection's
+    query observer (histogram and slow-query log); see the module doc for what is counted
+    where. :func:`create_async_engine_on` calls it (on the ``sync_engine``) when the core
+    times statements. Idempotent. On a connection without an observer a statement costs
+    the two event calls and two attribute reads, nothing more."""
+    for name, listener in _LISTENERS:
+        if not event.contains(engine, name, listener):
+            event.listen(engine, name, listener)
+
+
+# The listeners take SQLAlchemy's positional event signature (named=True would build a dict
+# per call).
+def _before_cursor_execute(  # noqa: PLR0917
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    if context is None or context.execute_style is _EXECUTEMANY:
+        return  # asyncpg's executemany: the raw path's observer sees it
+    observer: QueryObserver | None = getattr(
+        getattr(cursor, "_connection", None), "_pw_observer", None)
+    if observer is not None:
+        context._pw_started = (observer, _monotonic())
+
+
+def _after_cursor_execute(  # noqa: PLR0917
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    started: tuple[QueryObserver, float] | None = getattr(context, "_pw_started", None)
+    if started is not None:
+        context._pw_started = None
+        observer, start = started
+        observer.observe(statement, parameters, _monotonic() - start, None)
+
+
+def _handle_error(ctx: ExceptionContext) -> None:
+    context: Any = ctx.execution_context
+    started: tuple[QueryObserver, float] | None = getattr(context, "_pw_started", None)
+    if started is not None:  # failed inside the cursor call (else it was not ours to time)
+        context._pw_started = None
+        observer, start = started
+        error = ctx.original_exception
+        if isinstance(error, ctx.dialect.loaded_dbapi.Error) and error.__cause__ is not None:
+            # the dialect's DBAPI error wraps asyncpg's ("raise ... from"): report the
+            # driver's error class, as the raw path does
+            error = error.__cause__
+        # asyncpg's paramstyle is positional: parameters are a sequence
+        parameters = cast("Sequence[Any]", ctx.parameters or ())
+        observer.observe(ctx.statement or "", parameters, _monotonic() - start, error)
+
+
+_LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("before_cursor_execute", _before_cursor_execute),
+    ("after_cursor_execute", _after_cursor_execute),
+    ("handle_error", _handle_error),
+)
 
 
 def session_factory(engine: AsyncEngine, **kwargs: Any) -> async_sessionmaker[AsyncSession]:

@@ -151,7 +151,7 @@ class QueryObserver:
     off by default because parameters hold personal data and secrets.
     """
 
-    __slots__ = ("_histogram", "_record", "_slow_s", "_taps", "events", "log_params", "max_statement_chars",
+    __slots__ = ("_record", "_slow_s", "_taps", "events", "log_params", "max_statement_chars",
                  "node", "slow_threshold_s")
 
     def __init__(
@@ -171,7 +171,6 @@ class QueryObserver:
         self.slow_threshold_s = slow_threshold_s
         self.log_params = log_params
         self.max_statement_chars = max_statement_chars
-        self._histogram = histogram
         self._record = histogram.observe  # bound once: one lookup less per statement
         self._slow_s = math.inf if slow_threshold_s is None else slow_threshold_s
         self._taps = _taps_for(events)
