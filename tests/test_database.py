@@ -134,3 +134,36 @@ async def test_advise_finds_a_pool_too_small_from_live_stats(pg: EmbeddedPostgre
     codes = {f.code for f in findings}
     assert codes & {"acquire_timeouts", "pool_too_small"}
     assert all(pg.password not in f.message for f in findings)
+
+
+async def test_run_transaction_and_run_session_commit_and_retry_a_serialization_failure(
+    pg: EmbeddedPostgres, unique_name: str
+) -> None:
+    """The facade's retryable transactions: the work function's result comes back, the
+    write is committed once, and a serialization failure on the first attempt is retried
+    (raw path and SQLAlchemy path)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with Database.from_env(env_for(pg)) as db:
+        await db.execute(f"CREATE TABLE {unique_name} (id int PRIMARY KEY, path text)")
+        attempts = 0
+
+        async def write(conn: asyncpg.Connection) -> int:
+            nonlocal attempts
+            attempts += 1
+            await conn.execute(f"INSERT INTO {unique_name} VALUES (1, 'raw')")
+            if attempts == 1:  # a real 40001 raised by the server, as a conflict would
+                await conn.execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            return attempts
+
+        assert await db.run_transaction(write, isolation="serializable") == 2
+
+        async def write_orm(session: AsyncSession) -> str:
+            await session.execute(text(f"INSERT INTO {unique_name} VALUES (2, 'orm')"))
+            return "done"
+
+        assert await db.run_session(write_orm) == "done"
+        rows = await db.fetch(f"SELECT id, path FROM {unique_name} ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, "raw"), (2, "orm")]

@@ -65,7 +65,8 @@ def expected(
     opening: int = 0, overflow: int = 0, timeouts: int = 0, acquires: int = 0, waited: int = 0,
     wait_s: float = 0.0, refusals: int = 0, cancelled: int = 0, created: int = 0,
     errors: int = 0, pings: int = 0, ping_failures: int = 0, restores: int = 0,
-    restarts: int = 0, closed: Mapping[str, int] | None = None,
+    restarts: int = 0, closed: Mapping[str, int] | None = None, limit: int | None = None,
+    leaks: int = 0, shed: int = 0, circuit_refusals: int = 0,
 ) -> Series:
     """The full set of series one node must have, with these values."""
     out: Series = {
@@ -89,6 +90,12 @@ def expected(
         ("poolwarden_ping_failures_total", ()): ping_failures,
         ("poolwarden_connection_restores_total", ()): restores,
         ("poolwarden_server_restarts_total", ()): restarts,
+        ("poolwarden_concurrency_limit", ()): max_ if limit is None else limit,
+        ("poolwarden_overloaded", ()): 0,
+        ("poolwarden_breaker_open", ()): 0,
+        ("poolwarden_connection_leaks_total", ()): leaks,
+        ("poolwarden_acquire_shed_total", ()): shed,
+        ("poolwarden_circuit_refusals_total", ()): circuit_refusals,
     }
     for reason in CloseReason:
         count = (closed or {}).get(reason.value, 0)

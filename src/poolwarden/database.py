@@ -8,15 +8,17 @@ behind it without changing this API.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .advisor import Finding, advise
 from .deadline import deadline, remaining
 from .errors import PoolClosed
 from .health import HealthMonitor, HealthReport, check_nodes
 from .pool import Checkout, Pool, PoolConfig, PooledConnection, PoolStats
+from .protect.retry import RetryPolicy
+from .protect.transactions import DEFAULT_RETRY, run_transaction
 from .server_view import BudgetReport, ServerActivity, connection_budget, server_activity
 from .settings import DatabaseSettings
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 PRIMARY = "primary"
+T = TypeVar("T")
 
 
 def _statement_timeout_ms(configured_s: float | None) -> int | None:
@@ -149,6 +152,38 @@ class Database:
                 await conn.execute(f"SET LOCAL statement_timeout = {limit}")
             yield conn
 
+    async def run_transaction(
+        self, work: Callable[[PooledConnection], Awaitable[T]], *,
+        policy: RetryPolicy | None = DEFAULT_RETRY, isolation: str | None = None,
+        readonly: bool = False, deferrable: bool = False, timeout: float | None = None,
+    ) -> T:
+        """Run ``await work(conn)`` in a transaction and commit; retry the whole transaction
+        — only where that cannot write twice — on a serialization failure (40001), a
+        deadlock (40P01), a connection lost before ``COMMIT`` was sent, or a failure to
+        connect; with backoff and full jitter, within ``policy``'s attempts and the
+        caller's deadline. A connection lost while ``COMMIT`` was in flight raises
+        :class:`~poolwarden.errors.CommitOutcomeUnknown` and is never retried. ``work`` may
+        run more than once: it must have no side effects outside the transaction.
+        ``policy=None``: one attempt."""
+        return await run_transaction(
+            self._node(read_only=readonly), work, policy=policy, isolation=isolation,
+            readonly=readonly, deferrable=deferrable, timeout=timeout,
+        )
+
+    async def run_session(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *,
+        policy: RetryPolicy | None = DEFAULT_RETRY, isolation: str | None = None,
+        readonly: bool = False, deferrable: bool = False,
+    ) -> T:
+        """:meth:`run_transaction` for the SQLAlchemy path: ``await work(session)`` in a
+        session that commits at the end, retried under the same rules."""
+        from .protect.sa_transactions import run_session
+
+        return await run_session(
+            self._session_factory(), work, policy=policy, isolation=isolation,
+            readonly=readonly, deferrable=deferrable,
+        )
+
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run one statement on a pooled connection; returns the status (e.g. ``INSERT 0 1``)."""
         async with self._primary.connection() as conn:
@@ -188,21 +223,24 @@ class Database:
         the block succeeds and rolls back when it raises; its connection goes back to the
         pool when the block ends. ``read_only=True`` marks work that may be served by a
         replica (routing comes with the topology layer; today the primary serves it)."""
-        if self._primary.stats().closed:
-            raise PoolClosed("database is closed", node=self._primary.name)
-        if self._sessions is None:
-            from .sqlalchemy import session_factory
-
-            self._sessions = session_factory(self.engine)
         from .sqlalchemy import session_scope
 
-        async with session_scope(self._sessions) as session:
+        async with session_scope(self._session_factory()) as session:
             ms = _statement_timeout_ms(self._primary.config.statement_timeout)
             if ms is not None:
                 from sqlalchemy import text
 
                 await session.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             yield session
+
+    def _session_factory(self) -> async_sessionmaker[AsyncSession]:
+        if self._primary.stats().closed:
+            raise PoolClosed("database is closed", node=self._primary.name)
+        if self._sessions is None:
+            from .sqlalchemy import session_factory
+
+            self._sessions = session_factory(self.engine)
+        return self._sessions
 
     # ------------------------------------------------------------------ observability
 

@@ -120,6 +120,11 @@ _GAUGES: Final[tuple[tuple[str, str, str], ...]] = (
      "connections_opening"),
     ("poolwarden_connections_overflow", "Connections above pool_size now.",
      "connections_overflow"),
+    ("poolwarden_concurrency_limit", "Connections that may be in use at once now (the "
+     "adaptive limit, else the maximum).", "concurrency_limit"),
+    ("poolwarden_overloaded", "1 while admission is in overload mode.", "overloaded"),
+    ("poolwarden_breaker_open", "1 while the circuit breaker refuses calls (open or "
+     "half open).", "breaker_open"),
 )
 _GAUGE_MODE: Final = "livesum"
 
@@ -144,6 +149,12 @@ _COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
     ("poolwarden_connection_restores", "Releases that needed a rollback or reset round trip.",
      "restores_total"),
     ("poolwarden_server_restarts", "Server restarts detected.", "server_restarts_total"),
+    ("poolwarden_connection_leaks", "Checkouts held longer than the leak threshold.",
+     "leaks_total"),
+    ("poolwarden_acquire_shed", "Acquires refused or shed by overload admission.",
+     "acquire_shed_total"),
+    ("poolwarden_circuit_refusals", "Acquires refused at once by the open circuit breaker.",
+     "circuit_refusals_total"),
 )
 _CLOSED = "poolwarden_connections_closed"
 _CLOSED_KEY = "connections_closed_total"

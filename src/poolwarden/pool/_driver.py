@@ -162,6 +162,14 @@ async def server_started_at(conn: PooledConnection, timeout: float) -> float:
     return float(started)
 
 
+def statements_sent(conn: Any) -> int | None:
+    """How many statements asyncpg has written on ``conn`` so far (its protocol's
+    ``queries_count``, bumped right after each write), ``None`` if this asyncpg does not
+    expose it — then callers must assume a statement went out."""
+    count = getattr(getattr(conn, "_protocol", None), "queries_count", None)
+    return count if isinstance(count, int) else None
+
+
 CLEAN, NEEDS_RESTORE, CLOSED = 0, 1, 2
 
 

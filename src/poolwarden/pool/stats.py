@@ -58,6 +58,11 @@ class PoolStats:
     histograms: Mapping[str, HistogramSnapshot] = field(default_factory=dict)
 
     @property
+    def breaker_open(self) -> bool:
+        """Whether the circuit breaker refuses calls now (open, or half open)."""
+        return self.breaker_state in ("open", "half_open")
+
+    @property
     def utilisation(self) -> float:
         """In-use connections as a fraction of the maximum (overflow included)."""
         return self.connections_in_use / self.max_size if self.max_size else 0.0
