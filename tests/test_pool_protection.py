@@ -8,8 +8,8 @@ import asyncio
 import time
 
 import pytest
-from pool_helpers import config_for, open_pool
 
+from pool_helpers import config_for, open_pool
 from poolwarden import CircuitOpen, ConnectionFailed, Pool, PoolExhausted, PoolTimeout
 from poolwarden import events as ev
 from poolwarden.embedded import EmbeddedPostgres
@@ -72,7 +72,7 @@ async def test_overload_refuses_the_excess_at_once_and_serves_the_rest_within_bu
     admission refuses the excess with PoolExhausted carrying Retry-After, enters overload
     mode (an event), and no caller is served after its budget."""
     seen: list[ev.Event] = []
-    config = dict(min_size=2, pool_size=2, acquire_timeout=1.0, admission=AdmissionConfig())
+    config = {"min_size": 2, "pool_size": 2, "acquire_timeout": 1.0, "admission": AdmissionConfig()}
     async with open_pool(pg, **config) as pool:
         pool.events.subscribe(seen.append)
         waits: list[float] = []
@@ -120,8 +120,8 @@ async def test_adaptive_limit_settles_below_the_pool_size_on_a_cpu_bound_query(
     ~2: the adaptive limit comes down from the pool's 10 and stays below it, and the
     stats and events show it."""
     changes: list[ev.LimitChanged] = []
-    config = dict(min_size=10, pool_size=10, acquire_timeout=10.0,
-                  limiter=LimiterConfig(initial=10))
+    config = {"min_size": 10, "pool_size": 10, "acquire_timeout": 10.0,
+                  "limiter": LimiterConfig(initial=10)}
     async with open_pool(pg, **config) as pool:
         pool.events.subscribe(
             lambda e: changes.append(e) if isinstance(e, ev.LimitChanged) else None)
