@@ -16,6 +16,7 @@ PEERS = ("asyncpg", "asyncpg-noreset", "sqlalchemy", "psycopg")
 OVERLOAD_CAPACITY = 1000.0  # pool 10 / 10 ms per request
 A64, B1, B10, B64, B256 = "a C=64 P=10", "b C=1 P=10", "b C=10 P=10", "b C=64 P=10", "b C=256 P=10"
 BARE, IDEAL10, OVERLOAD = "limit C=1 P=1", "limit C=10 P=10", "c C=500 P=10"
+D10, D64 = "d C=10 P=10", "d C=64 P=10"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ def checks(results: Results) -> list[Check]:
         )
         for key in (B1, B64)
     )
-    for name in (OURS, "poolwarden-shed"):
+    for name in (OURS, "poolwarden-shed", "poolwarden-admit"):
         series = get(OVERLOAD, name)
         label = f"c. overload, {name}"
         if series is None:
@@ -151,11 +152,14 @@ def checks(results: Results) -> list[Check]:
             out.append(
                 _at_most(f"{label}: p99 time-to-refusal", shed.median, 5.0, "≤ 5 ms", "{:.1f} ms")
             )
-    out.append(
-        _missing(
-            "d. all observability on: throughput cost",
-            "≤ 3%",
-            "not yet available (observability lands in a later issue)",
+    for key in (D10, D64):
+        ratio = _ratio(results, get(key, "poolwarden-obs-on"), get(key, "poolwarden-obs-off"))
+        out.append(
+            _at_least(
+                f"d. SELECT 1 {key[2:]}: all observability on / off",
+                ratio,
+                0.97,
+                f"≥ {TIMES}0.97 (costs ≤ 3%)",
+            )
         )
-    )
     return out

@@ -21,11 +21,13 @@ _ERROR_PAUSE_S = 0.01  # after an unexpected error, so that a broken system does
 
 
 class Shed(Exception):
-    """The system did not give a connection: ``kind`` is ``"timeout"`` or ``"refused"``."""
+    """The system did not give a connection: ``kind`` is ``"timeout"`` or ``"refused"``;
+    ``retry_after_s``: when the system said to come back (its Retry-After), if it did."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, retry_after_s: float | None = None) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(slots=True)
@@ -81,8 +83,9 @@ async def closed_loop(
                         out.timeouts += 1
                     else:
                         out.refusals += 1
-                if shed_pause_s:
-                    await asyncio.sleep(shed_pause_s)
+                pause = shed.retry_after_s if shed.retry_after_s is not None else shed_pause_s
+                if pause:
+                    await asyncio.sleep(pause)
                 continue
             except Exception as exc:  # a benchmark reports errors, it does not die
                 out.errors += 1

@@ -61,6 +61,7 @@ class PoolwardenRaw:
     def __init__(self, pool: Any) -> None:
         errors = _module("poolwarden.errors")
         self._pool = pool
+        self._on_close: list[Any] = []
         self._exhausted: type[Exception] = errors.PoolExhausted
         self._timeout: type[Exception] = errors.PoolTimeout
 
@@ -82,12 +83,19 @@ class PoolwardenRaw:
                 t = now()
                 await conn.execute(SLEEP)
         except self._exhausted as exc:
-            raise Shed("refused") from exc
+            raise Shed("refused", getattr(exc, "retry_after_s", None)) from exc
         except self._timeout as exc:
             raise Shed("timeout") from exc
         return t
 
+    def on_close(self, stop: Any) -> None:
+        self._on_close.append(stop)
+
     async def close(self) -> None:
+        for stop in self._on_close:
+            result = stop()
+            if asyncio.iscoroutine(result):
+                await result
         await self._pool.close()
 
 
@@ -138,6 +146,39 @@ def _needs(module: str, what: str) -> Any:
     return missing
 
 
+def _admission() -> dict[str, Any]:
+    return {"admission": _module("poolwarden.protect.admission").AdmissionConfig()}
+
+
+def _raw_admission(dsn: str, spec: PoolSpec) -> Any:
+    return _raw(Variant(_admission()))(dsn, spec)
+
+
+OBSERVABILITY_OFF: dict[str, Any] = {
+    "query_stats": False, "slow_query_threshold": None, "leak_threshold": None,
+}
+
+
+async def _raw_observed(dsn: str, spec: PoolSpec) -> PoolwardenRaw:
+    """Every observability feature on: statement timing, slow-query log, leak detection
+    (a stack per checkout), a subscribed event hook (so per-checkout events are built) and
+    the Prometheus adapter synced in the background."""
+    pool = await open_pool(dsn, spec, Variant({"leak_threshold": 30.0,
+                                               "slow_query_threshold": 1.0}))
+    events: list[Any] = []
+    pool.events.subscribe(lambda event: events.append(event) if len(events) < 1 else None)
+    try:
+        metrics = _module("poolwarden.metrics")
+        registry = _module("prometheus_client").CollectorRegistry()
+        sync = metrics.MetricsSync(pool, metrics.PoolMetrics(registry), interval=1.0)
+        sync.start()
+        raw = PoolwardenRaw(pool)
+        raw.on_close(sync.stop)
+    except Exception:  # prometheus-client missing: the rest is still on
+        raw = PoolwardenRaw(pool)
+    return raw
+
+
 POOLWARDEN = System(
     key="poolwarden",
     label="poolwarden raw",
@@ -166,6 +207,36 @@ OURS = (
         open=_raw(Variant(queue_per_connection=SHED_QUEUE_PER_CONNECTION)),
         workloads=frozenset("c"),
         missing=_needs("poolwarden.pool", "the pool core"),
+    ),
+    System(
+        key="poolwarden-admit",
+        label="poolwarden raw, admission on",
+        note=(
+            "as poolwarden raw with admission=AdmissionConfig() (CoDel-style overload "
+            "detection, refusals at arrival with a Retry-After the callers honour)"
+        ),
+        open=_raw_admission,
+        workloads=frozenset("c"),
+        missing=_needs("poolwarden.protect.admission", "overload admission"),
+    ),
+    System(
+        key="poolwarden-obs-off",
+        label="poolwarden raw, observability off",
+        note="as poolwarden raw with query_stats=False, no slow-query log, no leak detection",
+        open=_raw(Variant(OBSERVABILITY_OFF)),
+        workloads=frozenset("d"),
+        missing=_needs("poolwarden.pool", "the pool core"),
+    ),
+    System(
+        key="poolwarden-obs-on",
+        label="poolwarden raw, all observability on",
+        note=(
+            "statement timing + slow-query log, leak detection (stack per checkout), an "
+            "event hook subscribed, Prometheus adapter synced every second"
+        ),
+        open=_raw_observed,
+        workloads=frozenset("d"),
+        missing=_needs("poolwarden.metrics", "the metrics adapter"),
     ),
     System(
         key="poolwarden-sqla",

@@ -19,6 +19,7 @@ from .workloads import Point, Timing, measure_owned, measure_system
 OVERLOAD_CALLERS = 500
 HOLD_CONCURRENCIES = (1, 64)
 HOLD_POOL = 10
+OBSERVABILITY_CONCURRENCIES = (10, 64)  # workload d: SELECT 1, observability on vs off
 OVERLOAD_POOL = 10
 PGBENCH_CLIENTS = (10, 64)
 # Workload c: a caller refused at once waits this long before its next request (a client
@@ -115,6 +116,8 @@ def one_round(
             if point.pool_size == size:
                 pools_at(point)
     pools_at(Point("c", OVERLOAD_CALLERS, OVERLOAD_POOL))
+    for c in OBSERVABILITY_CONCURRENCIES:
+        pools_at(Point("d", c, HOLD_POOL))
     if pgbench is not None:
         tasks.extend(
             Task(

@@ -64,6 +64,7 @@ class Report:
     def render(self) -> str:
         out = self._head() + self._summary() + self._bar()
         out += self._closed_loop("a") + self._closed_loop("b") + self._overload()
+        out += self._closed_loop("d")
         out += self._pgbench() + self._systems()
         return "\n".join(out) + "\n"
 
