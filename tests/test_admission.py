@@ -119,18 +119,41 @@ def test_a_delay_under_target_ends_overload() -> None:
     assert changes == [(True, 0.010), (False, 0.001)]
 
 
-def test_an_empty_queue_ends_overload_and_restarts_the_interval() -> None:
+def test_a_queue_that_stays_dry_for_an_interval_ends_overload() -> None:
+    """While overloaded, one moment of empty queue is not the end (refused callers come
+    back at their appointments); a queue that stays dry for interval_s is."""
     admission, changes = recording()
     admission.on_served(0.010, 0.0)
     admission.on_served(0.010, 0.1)
+    assert admission.overloaded
     admission.on_queue_empty(0.15)
+    assert admission.overloaded  # a gap
+    admission.on_served(0.010, 0.16)  # a late waiter again: the dry spell is over
+    admission.on_queue_empty(0.2)
+    admission.on_queue_empty(0.29)
+    assert admission.overloaded  # dry for 90 ms only
+    admission.on_queue_empty(0.31)
     assert not admission.overloaded
     assert changes == [(True, 0.010), (False, 0.0)]
-    admission.on_served(0.010, 0.16)
-    admission.on_served(0.010, 0.2)
+
+
+def test_outside_overload_an_empty_queue_restarts_the_interval() -> None:
+    admission, changes = recording()
+    admission.on_served(0.010, 0.0)
+    admission.on_queue_empty(0.05)
+    admission.on_served(0.010, 0.11)  # would have entered overload without the empty queue
     assert not admission.overloaded
     admission.on_queue_empty(0.3)
-    assert len(changes) == 2  # already normal: nothing to report
+    assert changes == []
+
+
+def test_a_fast_serve_ends_overload_at_once() -> None:
+    admission, changes = recording()
+    admission.on_served(0.010, 0.0)
+    admission.on_served(0.010, 0.1)
+    admission.on_served(0.001, 0.12)
+    assert not admission.overloaded
+    assert changes == [(True, 0.010), (False, 0.001)]
 
 
 # ---------------------------------------------------------------- admission while overloaded

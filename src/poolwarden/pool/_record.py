@@ -6,6 +6,8 @@ import enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import CodeType
+
     from ._driver import PooledConnection
 
 
@@ -69,8 +71,8 @@ class Record:
         # last moment the connection was known good (created, pinged or used successfully)
         self.verified_at = now
         self.server_started_at = server_started_at
-        # where it was acquired: (file, line, function) frames, only with leak detection
-        self.stack: tuple[tuple[str, int, str], ...] | None = None
+        # where it was acquired: (code, line) frames, only with leak detection
+        self.stack: tuple[tuple[CodeType, int], ...] | None = None
         self.leak_reported = False  # the current checkout was reported as a leak
         self.inflight = 0  # connections in use when this checkout began (adaptive limit)
         conn._pw_record = self

@@ -94,7 +94,7 @@ class Admission:
     is called when overload mode is entered or left, with the queue delay that decided it.
     """
 
-    __slots__ = ("_booked", "_config", "_first_above", "_last_return", "_on_change",
+    __slots__ = ("_booked", "_config", "_dry_since", "_first_above", "_last_return", "_on_change",
                  "_sampled", "hold_s", "overloaded")
 
     def __init__(
@@ -107,6 +107,7 @@ class Admission:
         self.hold_s = config.hold_prior_s
         self._sampled = False
         self._first_above: float | None = None  # when the delay may count as standing
+        self._dry_since: float | None = None  # overloaded, and the queue ran dry then
         self._last_return = -math.inf  # the latest appointment handed out
         self._booked: deque[float] = deque()  # appointments not yet taken, oldest first
 
@@ -130,16 +131,29 @@ class Admission:
         config = self._config
         if sojourn_s < config.target_s:
             self._first_above = None
+            self._dry_since = None
             self._set(False, sojourn_s)
-        elif self._first_above is None:
+            return
+        self._dry_since = None
+        if self._first_above is None:
             self._first_above = now + config.interval_s
         elif now >= self._first_above:
             self._set(True, sojourn_s)
 
     def on_queue_empty(self, now: float) -> None:
-        """A connection found nobody waiting: the queue ran dry, so there is no overload."""
+        """A connection found nobody waiting. Outside overload that ends a building delay.
+        While overloaded, the queue running dry for a moment is expected (refused callers
+        come back at their appointments): overload ends only when it has stayed dry —
+        no waiter served late in between — for ``interval_s``. Leaving at the first gap
+        would admit every returning caller at once and rebuild the long queue."""
         self._first_above = None
-        self._set(False, 0.0)
+        if not self.overloaded:
+            return
+        if self._dry_since is None:
+            self._dry_since = now
+        elif now - self._dry_since >= self._config.interval_s:
+            self._dry_since = None
+            self._set(False, 0.0)
 
     # ------------------------------------------------------------------ decisions
 
