@@ -214,7 +214,8 @@ class Report:
             "",
             "500 callers in a closed loop, pool 10 (capacity ≈ 1000/s); a caller whose request "
             f"is shed (refused or timed out) pauses for the Retry-After it was given, else "
-            f"{self.meta['timing']['shed_pause_s']} s, before its next one. After-budget counts are per round.",
+            f"{self.meta['timing']['shed_pause_s']} s, before its next one. "
+            "After-budget counts are per round.",
             "",
         ]
         header = [
