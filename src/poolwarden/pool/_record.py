@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from types import CodeType
@@ -42,6 +43,7 @@ class Record:
         "conn",
         "created_at",
         "expires_at",
+        "holder",
         "idle_since",
         "inflight",
         "leak_reported",
@@ -73,6 +75,7 @@ class Record:
         self.server_started_at = server_started_at
         # where it was acquired: (code, line) frames, only with leak detection
         self.stack: tuple[tuple[CodeType, int], ...] | None = None
+        self.holder: asyncio.Task[Any] | None = None  # the task that acquired (leak reports)
         self.leak_reported = False  # the current checkout was reported as a leak
         self.inflight = 0  # connections in use when this checkout began (adaptive limit)
         conn._pw_record = self

@@ -233,7 +233,7 @@ class Pool:
                 # Still held after the drain timeout: cut it off; a late release is ignored.
                 self.events.emit(ev.HeldAtClose(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=_format_stack(record.stack),
+                    stack=_format_stack(record.stack, record.holder),
                 ))
                 record.conn.terminate()
                 self._retire(record, CloseReason.POOL_CLOSED)
@@ -410,6 +410,7 @@ class Pool:
         leak reports, and the per-acquire event."""
         if self._leak_threshold is not None:
             record.stack = _caller_stack()
+            record.holder = asyncio.current_task()
             record.leak_reported = False
         if self.events.active:
             self.events.emit(ev.Acquired(node=self.name, wait_s=wait_s))
@@ -839,7 +840,7 @@ class Pool:
                 self._leaks += 1
                 self.events.emit(ev.LeakSuspected(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=_format_stack(record.stack),
+                    stack=_format_stack(record.stack, record.holder),
                 ))
 
     def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
@@ -955,9 +956,10 @@ StackRef = tuple[tuple[types.CodeType, int], ...]
 
 
 def _caller_stack(limit: int = 8) -> StackRef:
-    """Where the caller acquired, cheaply (about 1 µs): (code, line) of up to ``limit``
-    frames outside this module, innermost first. No frame objects are kept (they would keep
-    the caller's locals alive); the text is made only if a leak is reported."""
+    """Where the caller acquired: (code, line) of up to ``limit`` frames outside this
+    module, innermost first. No frame objects are kept (they would keep the caller's locals
+    alive); the text is made only if a leak is reported. In a coroutine the walk ends at
+    the task's outermost coroutine, so it is short and cheap (about 1 µs)."""
     frames: list[tuple[types.CodeType, int]] = []
     frame: types.FrameType | None = sys._getframe(1)
     ours = globals()
@@ -969,14 +971,20 @@ def _caller_stack(limit: int = 8) -> StackRef:
     return tuple(frames)
 
 
-def _format_stack(stack: StackRef | None) -> str | None:
+def _format_stack(stack: StackRef | None, holder: asyncio.Task[Any] | None = None) -> str | None:
+    """The acquiring stack and, for a holder task still running, where it is now."""
     if not stack:
         return None
     summary = traceback.StackSummary.from_list([
         traceback.FrameSummary(code.co_filename, line, code.co_name)
         for code, line in reversed(stack)
     ])
-    return "".join(summary.format())
+    text = "".join(summary.format())
+    if holder is not None and not holder.done():
+        now_at = traceback.StackSummary.extract(
+            (frame, frame.f_lineno) for frame in holder.get_stack(limit=8))
+        text += f"held by task {holder.get_name()!r}, now at:\n" + "".join(now_at.format())
+    return text
 
 
 def _pid(record: Record) -> int | None:
