@@ -955,11 +955,12 @@ class Checkout:
 StackRef = tuple[tuple[types.CodeType, int], ...]
 
 
-def _caller_stack(limit: int = 8) -> StackRef:
+def _caller_stack(limit: int = 2) -> StackRef:
     """Where the caller acquired: (code, line) of up to ``limit`` frames outside this
     module, innermost first. No frame objects are kept (they would keep the caller's locals
-    alive); the text is made only if a leak is reported. In a coroutine the walk ends at
-    the task's outermost coroutine, so it is short and cheap (about 1 µs)."""
+    alive); the text is made only if a leak is reported. Two frames by default: the full
+    chain costs µs per checkout, and the report adds the holder task's current stack
+    (``Task.get_stack``), which shows the outer callers as they are when it is reported."""
     frames: list[tuple[types.CodeType, int]] = []
     frame: types.FrameType | None = sys._getframe(1)
     ours = globals()
