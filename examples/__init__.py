@@ -1,0 +1,1 @@
+"""Example applications built on poolwarden (importable, so that servers can load them)."""
