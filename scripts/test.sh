@@ -97,7 +97,7 @@ run() {
     "$@" || status=1
 }
 lint_paths=()
-for path in src tests bench; do
+for path in src tests bench examples; do
     [ -e "$path" ] && lint_paths+=("$path")
 done
 run .venv/bin/ruff check "${lint_paths[@]}"
