@@ -324,28 +324,38 @@ def test_without_overload_a_small_queue_and_a_big_budget_are_always_admitted(
 def test_overload_is_entered_only_after_a_full_interval_of_delays_over_target(
     events: list[tuple[float, float | None]],
 ) -> None:
-    """``None`` is a release that found the queue empty; a number, a waiter's delay."""
+    """``None`` is a release that found the queue empty; a number, a waiter's delay.
+    Overload starts only after a full interval of delays over target; it ends at a delay
+    under target, or when the queue has stayed dry (no delay seen) for an interval."""
     config = AdmissionConfig()
     admission, changes = recording(config)
     now = 0.0
     above_since: float | None = None  # when the current run of delays over target began
+    dry_since: float | None = None  # overloaded, and the queue ran dry then
     for step, sojourn in events:
         now += step
         was = admission.overloaded
         if sojourn is None:
             admission.on_queue_empty(now)
             above_since = None
+            ends = False
+            if was:
+                if dry_since is None:
+                    dry_since = now
+                elif now - dry_since >= config.interval_s:
+                    ends, dry_since = True, None
+            assert admission.overloaded == (was and not ends)
         else:
             admission.on_served(sojourn, now)
+            dry_since = None
             if sojourn < config.target_s:
                 above_since = None
+                assert not admission.overloaded
             elif above_since is None:
                 above_since = now
         if admission.overloaded and not was:
             assert above_since is not None
             assert now - above_since >= config.interval_s - 1e-9
-        if sojourn is None or sojourn < config.target_s:
-            assert not admission.overloaded
     assert [on for on, _ in changes] == [i % 2 == 0 for i in range(len(changes))]
 
 
