@@ -99,6 +99,7 @@ class Pool:
         # Idle connections released before this instant are pinged before reuse: set when a
         # connection is found dead, since its siblings may have died with it.
         self._suspect_before = 0.0
+        self._set_up_protection(config)
         self._apply_limits(config)
         # cumulative counters
         self._acquires = 0
@@ -122,7 +123,6 @@ class Pool:
         self._h_query = Histogram()
         self._shed = 0
         self._circuit_refusals = 0
-        self._set_up_protection(config)
         # statements are timed (histogram, slow-query log) by connections of this class
         self._observer: QueryObserver | None = None
         self._connection_class = PooledConnection
@@ -152,7 +152,6 @@ class Pool:
                 initial=min(config.limiter.initial, config.max_size),
             )
             self._limiter = AdaptiveLimit(bounds, on_change=self._limit_changed)
-        self._limit = self._max_size if self._limiter is None else self._limiter.limit
 
     def _apply_limits(self, config: PoolConfig) -> None:
         # Copied to plain attributes: the hot paths read them on every call.
@@ -164,7 +163,7 @@ class Pool:
         self._ping_window = config.ping_after_idle if config.pre_ping else float("inf")
         self._always_reset = config.reset is ResetPolicy.ALWAYS
         self._leak_threshold = config.leak_threshold
-        limiter = getattr(self, "_limiter", None)
+        limiter = self._limiter
         self._limit = config.max_size if limiter is None else min(limiter.limit, config.max_size)
 
     # ------------------------------------------------------------------ lifecycle
@@ -530,28 +529,26 @@ class Pool:
         if waiter.future.done():
             return
         self._forget(waiter)
-        self._timeouts += 1
         now = _monotonic()
         waited = now - waiter.since
         if self._limiter is not None:
             self._limiter.on_drop(now)
         error: PoolTimeout | PoolExhausted
-        if waiter.limit == "deadline":
-            self._emit_timeout(waited, "deadline")
-            error = DeadlineExceeded("deadline passed while waiting for a connection",
-                                     node=self.name, state=self._state(), waited_s=waited)
-        elif waiter.limit == "shed":
-            self._emit_timeout(waited, "shed")
+        if waiter.limit == "shed":  # overload admission's bound, not the caller's budget
             self._shed += 1
-            self._timeouts -= 1  # counted as shed, not as a timeout
             error = PoolExhausted(
                 f"overloaded: shed after waiting {waited * 1000:.0f} ms",
                 node=self.name, state=self._state(), retry_after_s=self.retry_after(),
             )
         else:
-            self._emit_timeout(waited, "acquire_timeout")
-            error = PoolTimeout("no connection available", node=self.name, state=self._state(),
-                                waited_s=waited)
+            self._timeouts += 1
+            if waiter.limit == "deadline":
+                error = DeadlineExceeded("deadline passed while waiting for a connection",
+                                         node=self.name, state=self._state(), waited_s=waited)
+            else:
+                error = PoolTimeout("no connection available", node=self.name,
+                                    state=self._state(), waited_s=waited)
+        self._emit_timeout(waited, waiter.limit)
         error.__cause__ = self._last_error
         waiter.future.set_exception(error)
 
