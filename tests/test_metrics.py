@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from metrics_helpers import worker_processes
 from pool_helpers import config_for, open_pool
 from poolwarden import PoolExhausted, PoolStats, PoolTimeout
 from poolwarden.database import Database
@@ -354,25 +354,8 @@ WORKER = textwrap.dedent("""
 def test_two_worker_processes_are_summed_and_a_dead_ones_gauges_drop_out(
     pg: EmbeddedPostgres, unique_name: str, tmp_path: Path
 ) -> None:
-    multiproc_dir = tmp_path / "prometheus"
-    multiproc_dir.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir), "PW_DSN": pg.dsn,
-           "PW_NODE": unique_name}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(acquires)], env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        for acquires in (5, 7)
-    ]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            line = worker.stdout.readline()
-            assert line.strip() == "synced", worker.stderr.read() if worker.stderr else ""
-
+    env = {"PW_DSN": pg.dsn, "PW_NODE": unique_name}
+    with worker_processes(tmp_path, WORKER, env, (5, 7)) as (multiproc_dir, workers):
         body, _ = render(multiprocess_dir=str(multiproc_dir))
         text = body.decode()
         both = expected(idle=2, used=0, max_=10, idle_max=4, idle_min=2, acquires=12,
@@ -390,7 +373,3 @@ def test_two_worker_processes_are_summed_and_a_dead_ones_gauges_drop_out(
         one_left = expected(idle=1, used=0, max_=5, idle_max=2, idle_min=1, acquires=12,
                             created=2)
         assert scrape(body.decode(), unique_name) == one_left
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.communicate("\n", timeout=30)

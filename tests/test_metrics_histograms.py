@@ -5,9 +5,6 @@ process and summed over two worker processes in multiprocess mode."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +13,7 @@ from urllib.parse import quote
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from metrics_helpers import worker_processes
 from pool_helpers import open_pool
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.metrics import HISTOGRAMS, POOL_LABEL, PoolMetrics, render
@@ -144,29 +142,9 @@ def test_two_worker_processes_histograms_add_up_in_multiprocess_mode(
     """Under PROMETHEUS_MULTIPROC_DIR, two workers doing 5 and 7 checkouts of 2 statements
     each scrape as 12 acquires (none waited), 12 uses, 24 statements and 2 connections
     created, bucket by bucket consistent; no password in the text."""
-    multiproc_dir = tmp_path / "prometheus"
-    multiproc_dir.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir), "PW_DSN": pg.dsn,
-           "PW_NODE": unique_name}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(checkouts)], env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        for checkouts in (5, 7)
-    ]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            line = worker.stdout.readline()
-            assert line.strip() == "synced", worker.stderr.read() if worker.stderr else ""
+    env = {"PW_DSN": pg.dsn, "PW_NODE": unique_name}
+    with worker_processes(tmp_path, WORKER, env, (5, 7)) as (multiproc_dir, workers):
         text = render(multiprocess_dir=str(multiproc_dir))[0].decode()
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.communicate("\n", timeout=30)
     assert all(worker.returncode == 0 for worker in workers)
     # one checkout at a time: every acquire found an idle connection, none waited
     assert_consistent(scrape_histogram(text, unique_name, WAIT), 12, zero=True)
