@@ -139,7 +139,9 @@ class UvicornProcess:
         return self
 
     async def wait_ready(self, path: str = "/health/db") -> None:
-        """Until ``path`` answers 200 (raises ``RuntimeError`` with the log if never)."""
+        """Until every worker has started and ``path`` answers 200 (raises ``RuntimeError``
+        with the log if never). Waiting for one answer is not enough: a worker still starting
+        when a test stops the database fails its start-up and uvicorn stops them all."""
         end = time.monotonic() + STARTUP_TIMEOUT_S
         async with httpx.AsyncClient(base_url=self.url, timeout=5.0) as client:
             while time.monotonic() < end:
@@ -147,7 +149,8 @@ class UvicornProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"uvicorn exited early:\n{self.logs()}")
                 try:
-                    if (await client.get(path)).status_code == 200:
+                    started = self.logs().count("Application startup complete")
+                    if (await client.get(path)).status_code == 200 and started >= self.workers:
                         return
                 except httpx.TransportError:
                     pass
