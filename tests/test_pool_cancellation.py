@@ -101,7 +101,8 @@ async def test_cancel_at_every_step_leaks_nothing_and_hands_on_nothing_dirty(
                 await task
             await _settle(pool)
             await _check_all_clean(pool)
-        assert cancelled > 10  # the scenario really was interrupted, many times
+        # the scenario really was interrupted, many times (how many depends on the machine)
+        assert cancelled >= 5
         async with pool.connection() as conn:
             # Only whole transactions ever committed: rows come in complete (1, 2) pairs.
             ones = await conn.fetchval(f"SELECT count(*) FROM {unique_name} WHERE v = 1")

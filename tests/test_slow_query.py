@@ -380,7 +380,9 @@ async def test_no_password_in_any_log_record_or_event(
         with pytest.raises(ConnectionFailed):
             await bad.open()
     assert any(isinstance(e, SlowQuery) for e in events)
-    assert sum(getattr(r, "event", None) == "slow_query" for r in caplog.records) == 2
+    # the two pg_sleep statements; a loaded machine may make `1 / 0` slow too
+    slow = [r for r in caplog.records if getattr(r, "event", None) == "slow_query"]
+    assert sum("pg_sleep" in r.statement for r in slow) == 2
     secrets = {pg.password, quote(pg.password, safe=""), SECRET}
     for record in caplog.records:
         dump = everything_in(record)
