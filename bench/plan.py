@@ -16,7 +16,8 @@ from .limits import PGBENCH_SCRIPTS, Pgbench
 from .systems import System
 from .workloads import Point, Timing, measure_owned, measure_system
 
-OVERLOAD_CALLERS = 500
+# Workload c: 10 callers fill pool 10; 100 and 500 callers are 10x and 50x overload.
+OVERLOAD_CALLERS = (100, 500)
 HOLD_CONCURRENCIES = (1, 64)
 HOLD_POOL = 10
 OBSERVABILITY_CONCURRENCIES = (10, 64)  # workload d: SELECT 1, observability on vs off
@@ -46,7 +47,7 @@ FULL = Profile(
         warmup_s=0.5,
         duration_s=1.5,
         overload_warmup_s=1.0,
-        overload_s=10.0,
+        overload_s=8.0,
         pgbench_s=5,
         shed_pause_s=SHED_PAUSE_S,
     ),
@@ -115,7 +116,8 @@ def one_round(
         for point in b_points(profile):
             if point.pool_size == size:
                 pools_at(point)
-    pools_at(Point("c", OVERLOAD_CALLERS, OVERLOAD_POOL))
+    for callers in OVERLOAD_CALLERS:
+        pools_at(Point("c", callers, OVERLOAD_POOL))
     for c in OBSERVABILITY_CONCURRENCIES:
         pools_at(Point("d", c, HOLD_POOL))
     if pgbench is not None:

@@ -212,7 +212,9 @@ class Report:
         out = [
             f"## c. {WORKLOADS['c']}",
             "",
-            "500 callers in a closed loop, pool 10 (capacity ≈ 1000/s); a caller whose request "
+            f"100 and 500 callers (10{TIMES} and 50{TIMES} the 10 that fill the pool) "
+            "in a closed loop, "
+            "pool 10 (capacity ≈ 1000/s); a caller whose request "
             f"is shed (refused or timed out) pauses for the Retry-After it was given, else "
             f"{self.meta['timing']['shed_pause_s']} s, before its next one. "
             "After-budget counts are per round.",
@@ -220,6 +222,7 @@ class Report:
         ]
         header = [
             "system",
+            "callers",
             "goodput/s",
             f"{TIMES}asyncpg",
             "timeouts/s",
@@ -237,6 +240,7 @@ class Report:
                 rows.append(
                     [
                         self.label(who),
+                        key.split()[1].removeprefix("C="),
                         _cell(series.spread("throughput")),
                         _cell(self.r.ratio(series, self._get(key, BASELINE)), ratio=True),
                         *(

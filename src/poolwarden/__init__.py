@@ -15,6 +15,7 @@ from .errors import (
     PoolState,
     PoolTimeout,
     PoolwardenError,
+    StatementTimeout,
 )
 from .pool import Pool, PoolConfig, PooledConnection, PoolStats, ResetPolicy
 
@@ -37,6 +38,7 @@ __all__ = [
     "PooledConnection",
     "PoolwardenError",
     "ResetPolicy",
+    "StatementTimeout",
     "deadline",
     "remaining",
 ]

@@ -100,6 +100,18 @@ class PoolTimeout(PoolError, TimeoutError):
         super().__init__(text, node=node, state=state, retry_after_s=retry_after_s)
 
 
+class StatementTimeout(PoolError, TimeoutError):
+    """A statement ran longer than ``command_timeout`` and the pool stopped it: cancelled
+    on the server (the connection stays usable), or, when the server did not answer the
+    cancel, by closing the connection. The statement's work was not done (inside a
+    transaction, the transaction fails). ``running_s``: how long it had run."""
+
+    def __init__(self, message: str, *, node: str, state: PoolState | None,
+                 running_s: float) -> None:
+        self.running_s = running_s
+        super().__init__(message, node=node, state=state)
+
+
 class DeadlineExceeded(PoolTimeout):
     """The caller's deadline (``db.deadline(...)``, a request budget) ran out: before a
     connection was had (nothing was sent), or while a statement ran (the statement was

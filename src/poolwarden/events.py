@@ -151,6 +151,18 @@ class TimedOut(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StatementStopped(Event):
+    """A statement ran past ``command_timeout``; the pool cancelled it (``action="cancel"``)
+    or, when the server did not answer the cancel, closed the connection (``"terminate"``)."""
+
+    kind: ClassVar[str] = "statement_timeout"
+    level: ClassVar[int] = WARNING
+    pid: int | None
+    running_s: float
+    action: str  # "cancel" | "terminate"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LeakSuspected(Event):
     """A connection held longer than the leak threshold; ``stack`` is where it was acquired."""
 

@@ -82,7 +82,8 @@ def is_connection_lost(exc: BaseException) -> bool:
 
 
 async def open_connection(
-    config: PoolConfig, *, connection_class: type[PooledConnection] = PooledConnection
+    config: PoolConfig, *, connection_class: type[PooledConnection] = PooledConnection,
+    watched: bool = False,
 ) -> PooledConnection:
     """Open and set up one connection; raises the driver's error (the caller wraps it).
 
@@ -102,7 +103,7 @@ async def open_connection(
     )
     conn._pw_record = None
     conn._pw_observer = None
-    bind_deadline(conn)
+    bind_deadline(conn, watched=watched)
     try:
         if config.init is not None:
             async with asyncio.timeout(config.command_timeout):
@@ -116,7 +117,7 @@ async def open_connection(
 _DEADLINE_CONFIGS: dict[type, type] = {}
 
 
-def bind_deadline(conn: asyncpg.Connection) -> bool:
+def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
     """Make every statement on ``conn`` time out at the caller's deadline (if earlier than
     ``command_timeout``); a statement started after the deadline fails before anything is
     sent. Returns ``False`` when this asyncpg does not look as expected (then statements
@@ -125,31 +126,45 @@ def bind_deadline(conn: asyncpg.Connection) -> bool:
     How: asyncpg reads ``conn._config.command_timeout`` for every statement sent without an
     explicit ``timeout=``; we swap that namedtuple for a subclass whose ``command_timeout``
     is computed from the deadline context variable at that moment (one property call).
+
+    ``watched``: the pool's statement watchdog enforces ``command_timeout`` for statements
+    inside asyncpg's ``_execute`` (see :mod:`._watchdog`), so those get no timer of their
+    own unless a deadline is set; every other statement keeps asyncpg's timer.
     """
     config = conn._config
     base = type(config)
     fields = getattr(base, "_fields", ())
+    section = getattr(conn, "_stmt_exclusive_section", None)
     if not isinstance(config, tuple) or "command_timeout" not in fields:
         return False
+    if not hasattr(section, "_acquired"):
+        watched = False  # not the asyncpg we know: keep asyncpg's timer everywhere
     cls = _DEADLINE_CONFIGS.get(base)
     if cls is None:
         index = fields.index("command_timeout")
         getitem = tuple.__getitem__
         monotonic = time.monotonic
 
-        def command_timeout(self: tuple[Any, ...]) -> float | None:
-            configured: float | None = getitem(self, index)
+        def command_timeout(self: Any) -> float | None:
             at = current_deadline()
             if at is None:
+                section = self._pw_section
+                if section is not None and section._acquired:
+                    return None  # the watchdog's
+                configured: float | None = getitem(self, index)
                 return configured
+            configured = getitem(self, index)
             left = at - monotonic()
             # asyncpg raises TimeoutError for a timeout <= 0 before sending anything
             return left if configured is None or left < configured else configured
 
+        # No __slots__: each instance carries the connection's statement section.
         cls = type(f"Deadline{base.__name__}", (base,),
-                   {"__slots__": (), "command_timeout": property(command_timeout)})
+                   {"command_timeout": property(command_timeout)})
         _DEADLINE_CONFIGS[base] = cls
-    conn._config = cls(*config)
+    bound: Any = cls(*config)
+    bound._pw_section = section if watched and getattr(config, "command_timeout", None) else None
+    conn._config = bound
     return True
 
 

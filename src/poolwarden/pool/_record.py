@@ -51,6 +51,10 @@ class Record:
         "server_started_at",
         "stack",
         "state",
+        "stmt_mark",
+        "stmt_since",
+        "stmt_stage",
+        "timed_out",
         "verified_at",
     )
 
@@ -78,6 +82,12 @@ class Record:
         self.holder: asyncio.Task[Any] | None = None  # the task that acquired (leak reports)
         self.leak_reported = False  # the current checkout was reported as a leak
         self.inflight = 0  # connections in use when this checkout began (adaptive limit)
+        # the statement watchdog's view (see _watchdog); timed_out: it stopped a statement
+        # of the current checkout
+        self.stmt_mark = -1
+        self.stmt_since = now
+        self.stmt_stage = 0
+        self.timed_out = False
         conn._pw_record = self
 
     def __repr__(self) -> str:
