@@ -29,6 +29,7 @@ from poolwarden.testing.proxy import FaultProxy
 @dataclass
 class _Section:
     _acquired: int = 0
+    relied: bool = True  # the statement took its timeout from the watchdog
 
 
 @dataclass
@@ -91,6 +92,13 @@ def test_progress_or_the_end_of_the_statement_restarts_the_clock() -> None:
     assert _scan(dog, record, 5.1) == []
     assert _scan(dog, record, 6.0) == []
     assert _scan(dog, record, 6.1) == [("cancel", pytest.approx(1.0))]
+
+
+def test_a_statement_with_its_own_timeout_is_left_alone() -> None:
+    dog = StatementWatchdog(0.1)
+    record = _Record()
+    record.conn._stmt_exclusive_section = _Section(_acquired=1, relied=False)
+    assert [_scan(dog, record, t) for t in (0.0, 1.0, 2.0)] == [[], [], []]
 
 
 def test_idle_and_closed_connections_are_ignored() -> None:
@@ -168,6 +176,19 @@ async def test_statements_outside_the_watched_path_keep_asyncpgs_timer(
                 await statement.fetchval()
         assert not isinstance(simple.value, StatementTimeout)
         assert not isinstance(prepared.value, StatementTimeout)
+        assert not [e for e in events if isinstance(e, StatementStopped)]
+
+
+async def test_an_explicit_timeout_longer_than_command_timeout_is_honoured(
+    pg: EmbeddedPostgres,
+) -> None:
+    """``timeout=`` given to the statement overrides command_timeout, as in asyncpg: the
+    watchdog does not stop it."""
+    events: list[Event] = []
+    async with open_pool(pg, min_size=1, pool_size=1, command_timeout=0.2) as pool:
+        pool.events.subscribe(events.append)
+        async with pool.connection() as conn:
+            assert await conn.fetchval("SELECT $1::int FROM pg_sleep(0.7)", 7, timeout=10) == 7
         assert not [e for e in events if isinstance(e, StatementStopped)]
 
 

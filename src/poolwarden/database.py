@@ -8,6 +8,7 @@ behind it without changing this API.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,7 +39,9 @@ def _statement_timeout_ms(configured_s: float | None) -> int | None:
     left = remaining()
     if left is None or (configured_s and configured_s <= left):
         return None
-    return max(1, int(left * 1000))
+    # Rounded up: the server's timer must not fire before the deadline (the client's own
+    # timeout, set for the deadline, then reports it as DeadlineExceeded).
+    return max(1, math.ceil(left * 1000))
 
 
 class Database:

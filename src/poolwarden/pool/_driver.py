@@ -117,6 +117,29 @@ async def open_connection(
 _DEADLINE_CONFIGS: dict[type, type] = {}
 
 
+class WatchedSection:
+    """Stands in for asyncpg's ``Connection._stmt_exclusive_section`` (same ``_acquired``
+    flag, same error), and also says whether the statement running in it took its timeout
+    from the watchdog (``relied``) — a statement given an explicit ``timeout=`` did not,
+    and the watchdog leaves it alone."""
+
+    __slots__ = ("_acquired", "relied")
+
+    def __init__(self) -> None:
+        self._acquired = 0
+        self.relied = False
+
+    def __enter__(self) -> None:
+        if self._acquired:
+            raise asyncpg.InterfaceError(
+                "cannot perform operation: another operation is in progress")
+        self._acquired = 1
+        self.relied = False
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._acquired = 0
+
+
 def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
     """Make every statement on ``conn`` time out at the caller's deadline (if earlier than
     ``command_timeout``); a statement started after the deadline fails before anything is
@@ -134,11 +157,13 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
     config = conn._config
     base = type(config)
     fields = getattr(base, "_fields", ())
-    section = getattr(conn, "_stmt_exclusive_section", None)
     if not isinstance(config, tuple) or "command_timeout" not in fields:
         return False
-    if not hasattr(section, "_acquired"):
-        watched = False  # not the asyncpg we know: keep asyncpg's timer everywhere
+    section: WatchedSection | None = None
+    # (an asyncpg without the exclusive section we know keeps its timer everywhere)
+    known = getattr(getattr(conn, "_stmt_exclusive_section", None), "_acquired", None) == 0
+    if watched and known and getattr(config, "command_timeout", None):
+        section = conn._stmt_exclusive_section = WatchedSection()
     cls = _DEADLINE_CONFIGS.get(base)
     if cls is None:
         index = fields.index("command_timeout")
@@ -150,6 +175,7 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
             if at is None:
                 section = self._pw_section
                 if section is not None and section._acquired:
+                    section.relied = True
                     return None  # the watchdog's
                 configured: float | None = getitem(self, index)
                 return configured
@@ -163,7 +189,7 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
                    {"command_timeout": property(command_timeout)})
         _DEADLINE_CONFIGS[base] = cls
     bound: Any = cls(*config)
-    bound._pw_section = section if watched and getattr(config, "command_timeout", None) else None
+    bound._pw_section = section
     conn._config = bound
     return True
 

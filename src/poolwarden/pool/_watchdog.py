@@ -8,15 +8,16 @@ of the whole statement, and it is a safety net that almost never fires.
 So the pool enforces ``command_timeout`` the way a coarse timer wheel would: for
 statements sent through asyncpg's ``Connection._execute`` (``fetch``, ``fetchrow``,
 ``fetchval``, ``fetchmany``, ``execute`` with arguments — the hot path), the connection
-reports no timeout to asyncpg (see :func:`~poolwarden.pool._driver.bind_deadline`), and
-this watchdog, run every ``command_timeout / 10`` (between 20 ms and 1 s), looks at the
-checked-out connections instead. A connection inside a statement whose protocol has sent
-nothing new (``queries_count`` unchanged) since the statement was first seen has been
-busy that long: past ``command_timeout`` the pool sends a CancelRequest (asyncpg's own
-cancel, bounded by ``command_timeout``; the connection stays usable), and past twice
-that — the server did not answer the cancel: blackholed, hung — it terminates the
-connection. Either way the caller gets :class:`~poolwarden.errors.StatementTimeout` (a
-``TimeoutError``) through ``pool.connection()``.
+reports no timeout to asyncpg (see :func:`~poolwarden.pool._driver.bind_deadline`; a
+statement given an explicit ``timeout=`` keeps it and is left alone), and this watchdog,
+run every ``command_timeout / 10`` (between 20 ms and 1 s), looks at the checked-out
+connections instead. A connection inside such a statement whose protocol has sent nothing
+new (``queries_count`` unchanged) since the statement was first seen has been busy that
+long: past ``command_timeout`` the pool sends a CancelRequest (asyncpg's own cancel,
+bounded by ``command_timeout``; the connection stays usable), and past twice that — the
+server did not answer the cancel: blackholed, hung — it terminates the connection. Either
+way the caller gets :class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``)
+through ``pool.connection()``.
 
 Precision: a statement is stopped between ``command_timeout`` and ``command_timeout`` plus
 two intervals after it started (within 20% for timeouts of 10 ms..10 s, up to 2 s late for
@@ -71,8 +72,9 @@ class StatementWatchdog:
             if record.state is not ConnState.IN_USE:
                 continue
             conn = record.conn
-            if not conn._stmt_exclusive_section._acquired:
-                record.stmt_mark = -1  # no watched statement running
+            section = conn._stmt_exclusive_section
+            if not section._acquired or not getattr(section, "relied", False):
+                record.stmt_mark = -1  # no statement running that relies on the watchdog
                 continue
             count = conn._protocol.queries_count
             if count != record.stmt_mark:  # a new statement (or a new step of one)
