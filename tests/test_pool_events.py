@@ -137,9 +137,35 @@ async def test_leak_is_reported_once_with_the_acquiring_stack(
         assert record.levelno == logging.WARNING
         assert record.held_s >= 0.1
         assert record.pid == conn.get_server_pid()
-        assert "_forgetful_handler" in record.getMessage()
+        assert "acquired at" in record.getMessage()
+        assert "_forgetful_handler" in record.getMessage()  # where it was acquired
+        # and where the task holding it (here: in its local `conn`) is now
+        assert "held by task" in record.getMessage()
+        assert "test_leak_is_reported_once" in record.getMessage().split("held by task")[1]
         assert pool.stats().leaks_total == 1
         await pool.release(conn)
+
+
+async def test_a_block_held_too_long_is_reported_with_where_its_task_is_now(
+    pg: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``async with pool.connection()`` captures no stack at checkout: the report shows the
+    holding task's stack, which is inside the block that holds the connection."""
+    caplog.set_level(logging.WARNING, logger="poolwarden.events")
+    async with open_pool(pg, leak_threshold=0.1, maintenance_interval=0.02) as pool:
+        task = asyncio.create_task(_slow_block(pool), name="slow-block")
+        await task
+    (record,) = _records(caplog, "leak")
+    message = record.getMessage()
+    assert "acquired at" not in message
+    assert "held by task 'slow-block'" in message
+    assert "_slow_block" in message.split("held by task")[1]
+
+
+async def _slow_block(pool: Pool) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+        await asyncio.sleep(0.4)
 
 
 async def _forgetful_handler(pool: Pool) -> object:

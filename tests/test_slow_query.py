@@ -119,6 +119,27 @@ async def test_parameters_are_logged_only_when_enabled(
     assert SECRET in record.getMessage()
 
 
+async def test_a_slow_executemany_shows_its_rows_only_when_enabled_and_given_as_a_list(
+    pg: EmbeddedPostgres, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """executemany is timed as one statement (in asyncpg's statement section); with
+    log_query_params its rows are in the record when they were a list, and not at all
+    when they were an iterator (the call consumed it)."""
+    rows = [(0.06, SECRET), (0.06, SECRET)]
+    statement = "SELECT pg_sleep($1), $2::text"
+    async with open_pool(pg, name=unique_name, slow_query_threshold=THRESHOLD,
+                         log_query_params=True) as pool, pool.connection() as conn:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=EVENTS_LOGGER):
+            await conn.executemany(statement, rows)
+            await conn.executemany(statement, iter(rows))
+    listed, iterated = slow_records(caplog)
+    assert listed.statement == iterated.statement == statement  # type: ignore[attr-defined]
+    assert listed.params == repr(rows)  # type: ignore[attr-defined]
+    assert iterated.params is None  # type: ignore[attr-defined]
+    assert SECRET not in everything_in(iterated)
+
+
 async def test_a_fast_query_logs_nothing_but_is_counted(
     pg: EmbeddedPostgres, unique_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,7 +213,8 @@ async def test_an_observed_connection_reports_every_statement_method(
     seen: list[Event] = []
     events = EventBus()
     events.subscribe(seen.append)
-    conn = await _driver.open_connection(config_for(pg), connection_class=ObservedConnection)
+    conn = await _driver.open_connection(config_for(pg), connection_class=ObservedConnection,
+                                          observed=True)
     try:
         assert isinstance(conn, ObservedConnection)
         await conn.execute("SELECT 1")  # not observed: no observer yet
@@ -246,7 +268,8 @@ async def test_a_cancelled_statement_is_reported_and_the_cancellation_propagates
 ) -> None:
     """A statement cancelled while running is observed with CancelledError as its error."""
     histogram = Histogram()
-    conn = await _driver.open_connection(config_for(pg), connection_class=ObservedConnection)
+    conn = await _driver.open_connection(config_for(pg), connection_class=ObservedConnection,
+                                          observed=True)
     errors: list[str | None] = []
     events = EventBus()
     untap = tap_queries(events, lambda s, t, e: errors.append(type(e).__name__ if e else None))

@@ -58,7 +58,7 @@ class Event:
 def _with_stack(line: str, stack: str | None) -> str:
     if not stack:
         return f"{line} (start the pool with leak detection to see where it was acquired)"
-    return f"{line}; acquired at:\n{stack.rstrip()}"
+    return f"{line}; {stack.rstrip()}"
 
 
 def _fmt(value: Any) -> str:

@@ -9,7 +9,10 @@ attribute lookup on every call, and the Python client is the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -83,7 +86,7 @@ def is_connection_lost(exc: BaseException) -> bool:
 
 async def open_connection(
     config: PoolConfig, *, connection_class: type[PooledConnection] = PooledConnection,
-    watched: bool = False,
+    watched: bool = False, observed: bool = False,
 ) -> PooledConnection:
     """Open and set up one connection; raises the driver's error (the caller wraps it).
 
@@ -91,6 +94,10 @@ async def open_connection(
     connection, so that a blackholed server can never hang a caller forever; each statement's
     timeout is further cut to the caller's deadline (see :func:`bind_deadline`). Server
     settings travel in the startup packet: no extra round trip.
+
+    ``watched``: the pool's watchdog enforces ``command_timeout`` (see :func:`bind_deadline`);
+    ``observed``: the pool times statements (the observer is set later, see
+    :class:`StatementSection`).
     """
     conn: PooledConnection = await asyncpg.connect(
         config.dsn,
@@ -103,7 +110,10 @@ async def open_connection(
     )
     conn._pw_record = None
     conn._pw_observer = None
-    bind_deadline(conn, watched=watched)
+    section = install_section(conn) if watched or observed else None
+    if observed and section is None:
+        _warn_untimed()
+    bind_deadline(conn, watched=section if watched else None)
     try:
         if config.init is not None:
             async with asyncio.timeout(config.command_timeout):
@@ -115,19 +125,39 @@ async def open_connection(
 
 
 _DEADLINE_CONFIGS: dict[type, type] = {}
+_monotonic = time.monotonic
+logger = logging.getLogger(__name__)
+_warned_untimed: list[bool] = []
 
 
-class WatchedSection:
+def _warn_untimed() -> None:
+    if not _warned_untimed:
+        _warned_untimed.append(True)
+        logger.warning("this asyncpg (%s) does not have the statement section poolwarden "
+                       "knows: statements with arguments are not timed", asyncpg.__version__)
+
+
+class StatementSection:
     """Stands in for asyncpg's ``Connection._stmt_exclusive_section`` (same ``_acquired``
-    flag, same error), and also says whether the statement running in it took its timeout
-    from the watchdog (``relied``) — a statement given an explicit ``timeout=`` did not,
-    and the watchdog leaves it alone."""
+    flag, same error). asyncpg enters it around every statement of ``_execute`` (``fetch``,
+    ``fetchrow``, ``fetchval``, ``execute`` with arguments) and ``_executemany``
+    (``executemany``, ``fetchmany``), which makes it the cheapest place to see those
+    statements: no wrapper coroutine, two clock reads.
 
-    __slots__ = ("_acquired", "relied")
+    - ``relied``: the statement running in it took its timeout from the pool's watchdog
+      (one given an explicit ``timeout=`` did not, and the watchdog leaves it alone).
+    - Statement timing: when the connection has a query observer (``_pw_observer``), each
+      statement's duration and error go to it; the statement text and arguments are read
+      from asyncpg's frame only when the observer needs them (a slow statement, a tap).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_acquired", "_conn", "relied", "started")
+
+    def __init__(self, conn: PooledConnection) -> None:
         self._acquired = 0
+        self._conn = conn
         self.relied = False
+        self.started = 0.0
 
     def __enter__(self) -> None:
         if self._acquired:
@@ -135,12 +165,31 @@ class WatchedSection:
                 "cannot perform operation: another operation is in progress")
         self._acquired = 1
         self.relied = False
+        if self._conn._pw_observer is not None:
+            self.started = _monotonic()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, et: object, error: BaseException | None, tb: object) -> None:
         self._acquired = 0
+        observer = self._conn._pw_observer
+        if observer is not None:
+            elapsed = _monotonic() - self.started
+            if observer.timed(elapsed):  # slow, or tapped: the statement itself is wanted
+                found = sys._getframe(1).f_locals  # asyncpg's _execute / _executemany
+                args = found.get("args", ())
+                observer.report(str(found.get("query", "?")),
+                                args if isinstance(args, Sequence) else (), elapsed, error)
 
 
-def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
+def install_section(conn: PooledConnection) -> StatementSection | None:
+    """Put a :class:`StatementSection` in place of asyncpg's exclusive section; ``None``
+    when this asyncpg does not have the section we know (then nothing is changed)."""
+    if getattr(getattr(conn, "_stmt_exclusive_section", None), "_acquired", None) != 0:
+        return None
+    section = conn._stmt_exclusive_section = StatementSection(conn)
+    return section
+
+
+def bind_deadline(conn: asyncpg.Connection, *, watched: StatementSection | None = None) -> bool:
     """Make every statement on ``conn`` time out at the caller's deadline (if earlier than
     ``command_timeout``); a statement started after the deadline fails before anything is
     sent. Returns ``False`` when this asyncpg does not look as expected (then statements
@@ -150,20 +199,17 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: bool = False) -> bool:
     explicit ``timeout=``; we swap that namedtuple for a subclass whose ``command_timeout``
     is computed from the deadline context variable at that moment (one property call).
 
-    ``watched``: the pool's statement watchdog enforces ``command_timeout`` for statements
-    inside asyncpg's ``_execute`` (see :mod:`._watchdog`), so those get no timer of their
-    own unless a deadline is set; every other statement keeps asyncpg's timer.
+    ``watched``: the connection's statement section when the pool's statement watchdog
+    enforces ``command_timeout`` for statements inside it (see :mod:`._watchdog`): those
+    get no timer of their own unless a deadline is set; every other statement keeps
+    asyncpg's timer.
     """
     config = conn._config
     base = type(config)
     fields = getattr(base, "_fields", ())
     if not isinstance(config, tuple) or "command_timeout" not in fields:
         return False
-    section: WatchedSection | None = None
-    # (an asyncpg without the exclusive section we know keeps its timer everywhere)
-    known = getattr(getattr(conn, "_stmt_exclusive_section", None), "_acquired", None) == 0
-    if watched and known and getattr(config, "command_timeout", None):
-        section = conn._stmt_exclusive_section = WatchedSection()
+    section = watched if getattr(config, "command_timeout", None) else None
     cls = _DEADLINE_CONFIGS.get(base)
     if cls is None:
         index = fields.index("command_timeout")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
     from types import CodeType
 
     from ._driver import PooledConnection
@@ -77,7 +77,7 @@ class Record:
         # last moment the connection was known good (created, pinged or used successfully)
         self.verified_at = now
         self.server_started_at = server_started_at
-        # where it was acquired: (code, line) frames, only with leak detection
+        # where it was acquired: (code, instruction offset) frames, only with leak detection
         self.stack: tuple[tuple[CodeType, int], ...] | None = None
         self.holder: asyncio.Task[Any] | None = None  # the task that acquired (leak reports)
         self.leak_reported = False  # the current checkout was reported as a leak
