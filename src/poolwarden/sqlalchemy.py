@@ -234,12 +234,19 @@ class CorePool(_SAPool):
             # A dead connection goes back undiscarded: the core counts it as lost (reason
             # "error") and pings its idle siblings before reuse.
             discard = not conn.is_closed()
-        release = self._core.release(conn, discard=discard)
-        if in_greenlet():
-            _run(release)
-        else:
+        if not in_greenlet():
             # Garbage collection of a connection never closed: no greenlet to await in.
-            _release_in_background(release)
+            # Given back at once if an event loop runs here (any rollback it needs goes on
+            # in the background); the pool's slot is lost otherwise.
+            if not _loop_running():
+                logger.error("poolwarden: a connection was garbage-collected outside the "
+                             "event loop; its pool slot could not be returned")
+                return
+            self._core._give_back(conn, False, discard)
+            return
+        release = self._core._give_back(conn, False, discard)
+        if not release.done():  # a rollback or reset runs first
+            await_(release)
 
     def _invalidate(
         self,
@@ -307,22 +314,12 @@ def _finish(coro: Coroutine[Any, Any, _T], pending: Any) -> Generator[Any, Any, 
             return cast(_T, done.value)
 
 
-_background: set[asyncio.Task[None]] = set()
-
-
-def _release_in_background(release: Coroutine[Any, Any, None]) -> None:
+def _loop_running() -> bool:
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
-        loop = None
-    if loop is None:
-        release.close()
-        logger.error("poolwarden: a connection was garbage-collected outside the event loop; "
-                     "its pool slot could not be returned")
-        return
-    task = loop.create_task(release)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ public API

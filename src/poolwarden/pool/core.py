@@ -23,7 +23,7 @@ import traceback
 import types
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
@@ -88,6 +88,9 @@ class Pool:
         self._admitting = False  # opened and not closing: the one flag acquire() reads
         self._closed = False
         self._drained: asyncio.Event | None = None
+        # what release() returns when the connection is back at once (awaiting a done
+        # future is a C call: no coroutine per release)
+        self._done: asyncio.Future[None] | None = None
         # One timer for all waiters, set for the earliest deadline among them (not one timer
         # per waiter: creating and cancelling a timer per wait costs µs on the hot path).
         self._expiry: asyncio.TimerHandle | None = None
@@ -192,6 +195,8 @@ class Pool:
             return
         self._opened = True
         self._admitting = True
+        self._done = asyncio.get_running_loop().create_future()
+        self._done.set_result(None)
         self._spawn(_periodically(weakref.ref(self), self._config.maintenance_interval,
                                   Pool.maintain))
         if self._watchdog is not None:
@@ -636,11 +641,20 @@ class Pool:
         ``discard``-ed is closed instead. Raises :class:`PoolError` when ``conn`` is not
         checked out from this pool.
         """
+        await self._give_back(conn, reset, discard)
+
+    def _give_back(
+        self, conn: PooledConnection, reset: bool, discard: bool
+    ) -> asyncio.Future[None]:
+        """:meth:`release` without a coroutine: the connection is given back before this
+        returns, and what it returns is already done unless a rollback or reset must run
+        first (awaiting it waits for that, which goes on even if the caller is cancelled).
+        ``async with pool.connection()`` and the SQLAlchemy path release through it."""
         record = getattr(conn, "_pw_record", None)
         if record is None or record.pool is not self or record.state is not _IN_USE:
             record = self._checked_out(conn)
             if record is None:
-                return
+                return self._released()
         now = _monotonic()
         hold = now - record.acquired_at
         self._h_use.observe(hold)
@@ -653,18 +667,25 @@ class Pool:
         if discard or record.timed_out:
             # (a stopped statement's CancelRequest could still hit the next user's statement)
             self._retire(record, CloseReason.DISCARDED)
-            return
+            return self._released()
         state = _driver.release_state(conn)
         if state == _driver.CLOSED:
             self._connection_lost(record)
-            return
+            return self._released()
         if state == _driver.NEEDS_RESTORE or reset or self._always_reset:
             # Shielded: if our caller is cancelled the restore still finishes and the slot
             # is still returned; the task is tracked so close() can wait for it.
             full = reset or self._always_reset
-            await asyncio.shield(self._track(self._restore(record, full=full)))
-            return
+            return asyncio.shield(self._track(self._restore(record, full=full)))
         self._reuse(record, now)
+        return self._released()
+
+    def _released(self) -> asyncio.Future[None]:
+        done = self._done
+        if done is None:  # (never opened: only a foreign connection gets here, and raises)
+            done = self._done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+        return done
 
     def _checked_out(self, conn: PooledConnection) -> Record | None:
         record: Record | None = getattr(conn, "_pw_record", None)
@@ -994,23 +1015,30 @@ class Checkout:
         # the acquiring coroutine itself, which stores the connection here: no frame of ours
         return self._pool._acquire(self._timeout, self._deadline, self)
 
-    async def __aexit__(
+    def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> Awaitable[None]:
         conn, self._conn = self._conn, None
         if conn is None:
-            return
+            return self._pool._released()
+        if e is None:  # (no coroutine of ours on the way out either)
+            return self._pool._give_back(conn, self._reset, False)
+        return self._exit_with(conn, e)
+
+    async def _exit_with(self, conn: PooledConnection, e: BaseException) -> None:
+        """The block raised ``e``: release (or discard) the connection, and say what
+        happened with a typed error where a statement ran out of time."""
         record = conn._pw_record
-        if e is not None and record is not None and record.timed_out:
+        if record is not None and record.timed_out:
             await self._stopped(conn, record, e)
-        if e is not None and _driver.is_connection_lost(e):
+        if _driver.is_connection_lost(e):
             record = self._pool._checked_out(conn)
             if record is not None:
                 self._pool._connection_lost(record)
             return
         held = _monotonic() - record.acquired_at if record is not None else 0.0
         await self._pool.release(conn, reset=self._reset)
-        if e is not None and _driver.is_timeout(e):
+        if _driver.is_timeout(e):
             at = current_deadline()
             if at is not None and _monotonic() >= at:
                 pool = self._pool
@@ -1018,7 +1046,6 @@ class Checkout:
                     "deadline passed while a statement ran (it was cancelled)",
                     node=pool.name, state=pool._state(), waited_s=held,
                 ) from e
-
 
     async def _stopped(self, conn: PooledConnection, record: Record, e: BaseException) -> None:
         """The watchdog stopped a statement of this block: say so with a typed error."""
