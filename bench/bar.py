@@ -14,7 +14,8 @@ from .stats import TIMES
 
 OURS = "poolwarden"
 PEERS = ("asyncpg", "asyncpg-noreset", "sqlalchemy", "psycopg")
-OVERLOAD_CAPACITY = 1000.0  # pool 10 / 10 ms per request
+OVERLOAD_CAPACITY = 1000.0  # pool 10 / 10 ms per request, nominally
+CAPACITY = "capacity C=10 P=10"  # measured: 10 tasks owning a connection each, no pool
 A64, B1, B10, B64, B256 = "a C=64 P=10", "b C=1 P=10", "b C=10 P=10", "b C=64 P=10", "b C=256 P=10"
 BARE, IDEAL10 = "limit C=1 P=1", "limit C=10 P=10"
 OVERLOADS = ("c C=100 P=10", "c C=500 P=10")  # 10x and 50x overload
@@ -130,6 +131,14 @@ def checks(results: Results) -> list[Check]:
                 0.97 * OVERLOAD_CAPACITY,
                 "≥ 970/s (97% of 1000/s)",
                 "{:.0f}/s",
+            )
+        )
+        out.append(
+            _at_least(
+                f"{label}: goodput / measured capacity",
+                _ratio(results, series, get(CAPACITY, "ideal")),
+                0.97,
+                f"≥ {TIMES}0.97",
             )
         )
         out.append(

@@ -3,6 +3,8 @@
 - *bare*: one asyncpg connection, one task, ``SELECT 1`` in a loop (the ceiling at C=1);
 - *ideal P*: P tasks each owning one asyncpg connection, no pool at all — the most any pool
   of P connections can do with this client, whatever the concurrency;
+- *capacity*: the same with workload c's ``SELECT pg_sleep(0.01)`` — what pool 10 can serve
+  at most on this machine (nominally 1000/s; each request also pays a round trip);
 - *pgbench*: the server's own limit, from a C client in a separate process.
 """
 
@@ -26,23 +28,25 @@ from .systems import SELECT1
 now = time.perf_counter_ns
 
 
-def _select1_on(conn: Any) -> Op:
+def _statement_on(conn: Any, statement: str) -> Op:
     async def op() -> int:
         t = now()  # the connection is always in hand: no acquire wait
-        await conn.fetchval(SELECT1)
+        await conn.fetchval(statement)
         return t
 
     return op
 
 
 async def owned_connections(
-    dsn: str, connections: int, *, warmup_s: float, duration_s: float
+    dsn: str, connections: int, *, warmup_s: float, duration_s: float,
+    statement: str = SELECT1,
 ) -> Samples:
-    """``SELECT 1`` from ``connections`` tasks, each on its own connection (no pool)."""
+    """``statement`` from ``connections`` tasks, each on its own connection (no pool)."""
     conns = await asyncio.gather(*(asyncpg.connect(dsn) for _ in range(connections)))
     try:
         return await closed_loop(
-            [_select1_on(c) for c in conns], warmup_s=warmup_s, duration_s=duration_s
+            [_statement_on(c, statement) for c in conns],
+            warmup_s=warmup_s, duration_s=duration_s,
         )
     finally:
         await asyncio.gather(*(c.close() for c in conns))

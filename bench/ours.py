@@ -161,7 +161,7 @@ OBSERVABILITY_OFF: dict[str, Any] = {
 
 async def _raw_observed(dsn: str, spec: PoolSpec) -> PoolwardenRaw:
     """Every observability feature meant for production on: histograms, statement timing,
-    slow-query log, leak detection (a stack per checkout) and the Prometheus adapter synced
+    slow-query log, leak detection (the holder task per checkout) and the Prometheus adapter synced
     in the background. Per-checkout events (a subscribed hook, DB_ECHO_POOL) are a debugging
     switch and not included: they build two event objects per checkout (~1.5 µs)."""
     pool = await open_pool(dsn, spec, Variant({"leak_threshold": 30.0,
@@ -230,7 +230,7 @@ OURS = (
         key="poolwarden-obs-on",
         label="poolwarden raw, all observability on",
         note=(
-            "histograms, statement timing + slow-query log, leak detection (stack per "
+            "histograms, statement timing + slow-query log, leak detection (holder task per "
             "checkout), Prometheus adapter synced every second"
         ),
         open=_raw_observed,

@@ -116,6 +116,7 @@ def one_round(
         for point in b_points(profile):
             if point.pool_size == size:
                 pools_at(point)
+    owned(Point("capacity", OVERLOAD_POOL, OVERLOAD_POOL), IDEAL)
     for callers in OVERLOAD_CALLERS:
         pools_at(Point("c", callers, OVERLOAD_POOL))
     for c in OBSERVABILITY_CONCURRENCIES:

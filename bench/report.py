@@ -132,6 +132,7 @@ class Report:
             ("limit C=1 P=1", BARE, "bare connection C=1"),
             ("limit C=10 P=10", IDEAL, "no-pool ideal P=10"),
             ("limit C=20 P=20", IDEAL, "no-pool ideal P=20"),
+            ("capacity C=10 P=10", IDEAL, "workload c capacity (P=10 owned, pg_sleep(0.01))"),
             ("pgbench C=64 P=0", "select1", "pgbench SELECT 1 c=64"),
             ("pgbench C=64 P=0", "select-only", "pgbench -S c=64"),
         ):
@@ -214,7 +215,8 @@ class Report:
             "",
             f"100 and 500 callers (10{TIMES} and 50{TIMES} the 10 that fill the pool) "
             "in a closed loop, "
-            "pool 10 (capacity ≈ 1000/s); a caller whose request "
+            "pool 10 (capacity nominally 1000/s; measured: the 'capacity' limit, ten tasks "
+            "each owning a connection); a caller whose request "
             f"is shed (refused or timed out) pauses for the Retry-After it was given, else "
             f"{self.meta['timing']['shed_pause_s']} s, before its next one. "
             "After-budget counts are per round.",
@@ -258,6 +260,11 @@ class Report:
                         ),
                     ]
                 )
+        capacity = self._get("capacity C=10 P=10", IDEAL)
+        if capacity is not None:
+            rows.append(["capacity: 10 tasks owning a connection each (no pool)", "10",
+                         _cell(capacity.spread("throughput")),
+                         *([DASH] * (len(header) - 3))])
         out += [*_table(header, rows), ""]
         return out
 

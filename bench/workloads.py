@@ -14,7 +14,7 @@ from typing import Any
 from .drive import Samples, closed_loop
 from .limits import owned_connections
 from .stats import percentile
-from .systems import PoolSpec, System
+from .systems import SELECT1, SLEEP, PoolSpec, System
 
 BUDGET_S = 1.0  # workload c: the caller's acquire budget
 NO_BUDGET_S = 60.0  # workloads a and b: never time out, just measure
@@ -25,6 +25,7 @@ WORKLOADS = {
     "c": "overload: SELECT pg_sleep(0.01) per acquire, acquire budget 1 s",
     "d": "instrumentation overhead: poolwarden observability on vs off",
     "limit": "limits of this client: bare connection (C=1), P tasks owning P connections",
+    "capacity": "workload c's capacity: 10 tasks owning 10 connections, SELECT pg_sleep(0.01)",
     "pgbench": "the server's own limit (pgbench, separate process)",
 }
 
@@ -109,11 +110,16 @@ def measure_system(system: System, point: Point, dsn: str, timing: Timing) -> di
 
 
 def measure_owned(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
-    """One measurement of a limit: ``point.concurrency`` tasks each owning a connection."""
+    """One measurement of a limit: ``point.concurrency`` tasks each owning a connection,
+    running ``SELECT 1`` (workload ``limit``) or workload c's statement (``capacity``)."""
     gc.collect()
+    capacity = point.workload == "capacity"
     samples = asyncio.run(
         owned_connections(
-            dsn, point.concurrency, warmup_s=timing.warmup_s, duration_s=timing.duration_s
+            dsn, point.concurrency,
+            warmup_s=timing.overload_warmup_s if capacity else timing.warmup_s,
+            duration_s=timing.overload_s if capacity else timing.duration_s,
+            statement=SLEEP if capacity else SELECT1,
         )
     )
     return metrics(samples)
