@@ -234,19 +234,17 @@ class CorePool(_SAPool):
             # A dead connection goes back undiscarded: the core counts it as lost (reason
             # "error") and pings its idle siblings before reuse.
             discard = not conn.is_closed()
-        if not in_greenlet():
-            # Garbage collection of a connection never closed: no greenlet to await in.
-            # Given back at once if an event loop runs here (any rollback it needs goes on
-            # in the background); the pool's slot is lost otherwise.
-            if not _loop_running():
-                logger.error("poolwarden: a connection was garbage-collected outside the "
-                             "event loop; its pool slot could not be returned")
-                return
-            self._core._give_back(conn, False, discard)
+        greenlet = in_greenlet()
+        if not greenlet and not _loop_running():
+            # Garbage collection of a connection never closed, outside the event loop.
+            logger.error("poolwarden: a connection was garbage-collected outside the "
+                         "event loop; its pool slot could not be returned")
             return
         release = self._core._give_back(conn, False, discard)
-        if not release.done():  # a rollback or reset runs first
+        if greenlet and not release.done():  # a rollback or reset runs first
             await_(release)
+        # (outside a greenlet — garbage collection on the loop — any rollback goes on in the
+        # background, tracked by the core)
 
     def _invalidate(
         self,

@@ -195,8 +195,6 @@ class Pool:
             return
         self._opened = True
         self._admitting = True
-        self._done = asyncio.get_running_loop().create_future()
-        self._done.set_result(None)
         self._spawn(_periodically(weakref.ref(self), self._config.maintenance_interval,
                                   Pool.maintain))
         if self._watchdog is not None:
@@ -682,7 +680,7 @@ class Pool:
 
     def _released(self) -> asyncio.Future[None]:
         done = self._done
-        if done is None:  # (never opened: only a foreign connection gets here, and raises)
+        if done is None:  # the first release: made once, on the pool's loop
             done = self._done = asyncio.get_running_loop().create_future()
             done.set_result(None)
         return done
