@@ -358,13 +358,30 @@ async def test_one_sqlalchemy_statement_is_one_observation(
         assert query_count(pool) == before + len(seen)
         async with engine.begin() as conn:
             await conn.run_sync(table.metadata.drop_all)
+    # timed by the dialect: no engine event listener, which would slow every statement
+    assert len(engine.sync_engine.dispatch.before_cursor_execute) == 0
+    assert len(engine.sync_engine.dispatch.after_cursor_execute) == 0
+
+
+async def test_a_sqlalchemy_statement_sent_without_parameters_is_observed(
+    pg: EmbeddedPostgres, unique_name: str
+) -> None:
+    """``no_parameters`` sends the statement with no parameter list at all (the dialect's
+    other cursor call): observed once too."""
+    async with open_pool(pg, name=unique_name, pre_ping=False) as pool, \
+            engine_on(pool) as engine, engine.connect() as conn:
+        with tapped(pool) as seen:
+            result = await conn.exec_driver_sql(
+                "SELECT 41 + 1", execution_options={"no_parameters": True})
+            assert result.scalar() == 42
+    assert [s for s, _ in seen if "41" in s] == ["SELECT 41 + 1"]
 
 
 async def test_a_failing_sqlalchemy_statement_is_observed_once_with_its_error(
     pg: EmbeddedPostgres, unique_name: str
 ) -> None:
     """A statement that fails on the SQLAlchemy path is observed once, with the driver's
-    error class (through the engine's handle_error event)."""
+    error class (the dialect's DBAPI error is unwrapped to asyncpg's)."""
     async with open_pool(pg, name=unique_name, pre_ping=False) as pool, \
             engine_on(pool) as engine, engine.connect() as conn:
         await conn.execute(text("SELECT 1"))

@@ -30,15 +30,18 @@ How the async engine is wired (SQLAlchemy 2.x pool hooks):
 Statements are timed for the core's query histogram and slow-query log (the core's
 ``query_stats`` / ``slow_query_threshold``): SQLAlchemy runs them as asyncpg prepared
 statements, which the raw path's :class:`~poolwarden.pool._observed.ObservedConnection`
-does not see, so cursor events on the engine report each one to the connection's
-:class:`~poolwarden.pool._observed.QueryObserver` instead — once per cursor execution (one
-per batch of an "insertmanyvalues" INSERT). Two things stay with the raw path, which does
-see them, so that nothing is counted twice: ``executemany`` (the asyncpg dialect calls
-``Connection.executemany``) and transaction control (``BEGIN``/``COMMIT``/``ROLLBACK`` go
-through asyncpg's ``Transaction``). A statement's time is from before the cursor call to
-after it: the prepare round trip when the statement is new to the connection and, for the
-first statement of a transaction, the ``BEGIN`` sent just before it are included; rows a
-server-side cursor streams later are not.
+does not see, so the dialect times its cursor calls (``do_execute``) and reports each to
+the connection's :class:`~poolwarden.pool._observed.QueryObserver` — once per cursor
+execution (one per batch of an "insertmanyvalues" INSERT). The dialect rather than engine
+events: any ``*_cursor_execute`` listener sends every statement of the engine through
+SQLAlchemy's event dispatch, which costs more than the statement's own Python work. Two
+things stay with the raw path, which does see them, so that nothing is counted twice:
+``executemany`` (the asyncpg dialect calls ``Connection.executemany``) and transaction
+control (``BEGIN``/``COMMIT``/``ROLLBACK`` go through asyncpg's ``Transaction``). A
+statement's time is from before the cursor call to after it: the prepare round trip when
+the statement is new to the connection and, for the first statement of a transaction, the
+``BEGIN`` sent just before it are included; rows a server-side cursor streams later are
+not.
 
 ``engine.dispose()`` forgets SQLAlchemy's per-connection state but does not close the core
 or its connections: whoever opened the core closes it. ``Connection.detach()`` is not
@@ -53,16 +56,14 @@ import logging
 import math
 import time
 import types
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy
-from sqlalchemy import event
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -79,7 +80,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from .pool import Pool, PoolConfig, PooledConnection
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
+    from sqlalchemy.engine.interfaces import DBAPIConnection
 
     from .pool._observed import QueryObserver
 
@@ -88,7 +89,6 @@ __all__ = [
     "CorePool",
     "create_async_engine_on",
     "create_sync_engine",
-    "observe_statements",
     "session_factory",
     "session_scope",
 ]
@@ -112,7 +112,10 @@ _CORE_OWNED = frozenset({
 class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
     """asyncpg's dialect, minus the per-connection JSON codecs: those would change what the
     raw path gets back from a connection SQLAlchemy has used. JSON is decoded by
-    SQLAlchemy's type instead (same values, parsed with the engine's ``json_deserializer``)."""
+    SQLAlchemy's type instead (same values, parsed with the engine's ``json_deserializer``).
+
+    Its cursor calls report to the core connection's query observer, when it has one (see
+    the module doc); ``executemany`` is the raw path's to see."""
 
     supports_native_json_deserialization = False
     supports_statement_cache = True  # nothing here changes how statements compile
@@ -123,6 +126,45 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
     async def setup_asyncpg_jsonb_codec(self, conn: Any) -> None:
         return None
 
+    def do_execute(
+        self, cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        observer: QueryObserver | None = getattr(cursor._connection, "_pw_observer", None)
+        if observer is None:
+            cursor.execute(statement, parameters)
+        else:
+            self._timed(observer, cursor, statement, parameters)
+
+    def do_execute_no_params(self, cursor: Any, statement: str, context: Any = None) -> None:
+        observer: QueryObserver | None = getattr(cursor._connection, "_pw_observer", None)
+        if observer is None:
+            cursor.execute(statement)
+        else:
+            self._timed(observer, cursor, statement, None)
+
+    def _timed(
+        self, observer: QueryObserver, cursor: Any, statement: str, parameters: Any
+    ) -> None:
+        """Run one cursor execution and report it to ``observer``, its error too."""
+        start = _monotonic()
+        try:
+            if parameters is None:
+                cursor.execute(statement)
+            else:
+                cursor.execute(statement, parameters)
+        except BaseException as exc:
+            error: BaseException = exc
+            if exc.__cause__ is not None and isinstance(exc, self.loaded_dbapi.Error):
+                # the dialect's DBAPI error wraps asyncpg's ("raise ... from"): report the
+                # driver's error class, as the raw path does
+                error = exc.__cause__
+            # asyncpg's paramstyle is positional: parameters are a sequence
+            observer.observe(statement, parameters or (), _monotonic() - start, error)
+            raise
+        observer.observe(statement, parameters or (), _monotonic() - start, None)
+
+
+_monotonic = time.monotonic
 
 registry.register(ASYNC_DRIVERNAME.replace("+", "."), __name__, "PoolwardenAsyncpgDialect")
 
@@ -349,73 +391,7 @@ def create_async_engine_on(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
         echo=engine_kwargs.pop("echo_pool", None),
         logging_name=engine_kwargs.pop("pool_logging_name", None),
     )
-    engine = create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
-    if pool.config.query_stats or pool.config.slow_query_threshold is not None:
-        observe_statements(engine.sync_engine)
-    return engine
-
-
-# ------------------------------------------------------------------ statement timing
-
-_monotonic = time.monotonic
-_EXECUTEMANY = ExecuteStyle.EXECUTEMANY
-
-
-def observe_statements(engine: sqlalchemy.Engine) -> None:
-    """Report every statement ``engine`` runs on a core connection to that connection's
-    query observer (histogram and slow-query log); see the module doc for what is counted
-    where. :func:`create_async_engine_on` calls it (on the ``sync_engine``) when the core
-    times statements. Idempotent. On a connection without an observer a statement costs
-    the two event calls and two attribute reads, nothing more."""
-    for name, listener in _LISTENERS:
-        if not event.contains(engine, name, listener):
-            event.listen(engine, name, listener)
-
-
-# The listeners take SQLAlchemy's positional event signature (named=True would build a dict
-# per call).
-def _before_cursor_execute(  # noqa: PLR0917
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    if context is None or context.execute_style is _EXECUTEMANY:
-        return  # asyncpg's executemany: the raw path's observer sees it
-    observer: QueryObserver | None = getattr(
-        getattr(cursor, "_connection", None), "_pw_observer", None)
-    if observer is not None:
-        context._pw_started = (observer, _monotonic())
-
-
-def _after_cursor_execute(  # noqa: PLR0917
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    started: tuple[QueryObserver, float] | None = getattr(context, "_pw_started", None)
-    if started is not None:
-        context._pw_started = None
-        observer, start = started
-        observer.observe(statement, parameters, _monotonic() - start, None)
-
-
-def _handle_error(ctx: ExceptionContext) -> None:
-    context: Any = ctx.execution_context
-    started: tuple[QueryObserver, float] | None = getattr(context, "_pw_started", None)
-    if started is not None:  # failed inside the cursor call (else it was not ours to time)
-        context._pw_started = None
-        observer, start = started
-        error = ctx.original_exception
-        if isinstance(error, ctx.dialect.loaded_dbapi.Error) and error.__cause__ is not None:
-            # the dialect's DBAPI error wraps asyncpg's ("raise ... from"): report the
-            # driver's error class, as the raw path does
-            error = error.__cause__
-        # asyncpg's paramstyle is positional: parameters are a sequence
-        parameters = cast("Sequence[Any]", ctx.parameters or ())
-        observer.observe(ctx.statement or "", parameters, _monotonic() - start, error)
-
-
-_LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
-    ("before_cursor_execute", _before_cursor_execute),
-    ("after_cursor_execute", _after_cursor_execute),
-    ("handle_error", _handle_error),
-)
+    return create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
 
 
 def session_factory(engine: AsyncEngine, **kwargs: Any) -> async_sessionmaker[AsyncSession]:
