@@ -3,6 +3,10 @@
 - *bare*: one asyncpg connection, one task, ``SELECT 1`` in a loop (the ceiling at C=1);
 - *ideal P*: P tasks each owning one asyncpg connection, no pool at all — the most any pool
   of P connections can do with this client, whatever the concurrency;
+- *SQLAlchemy ideal P*: P tasks each owning one SQLAlchemy ``AsyncConnection`` (asyncpg
+  dialect), running what a pooled ``engine.connect()`` block runs — ``BEGIN`` (implicit),
+  ``SELECT 1``, ``ROLLBACK`` — with no checkout at all: the most any pool under SQLAlchemy
+  can do, which bounds the SQLAlchemy criterion of the bar;
 - *capacity*: the same with workload c's ``SELECT pg_sleep(0.01)`` — what pool 10 can serve
   at most on this machine (nominally 1000/s; each request also pays a round trip);
 - *pgbench*: the server's own limit, from a C client in a separate process.
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from .drive import Op, Samples, closed_loop
 from .systems import SELECT1
@@ -50,6 +57,39 @@ async def owned_connections(
         )
     finally:
         await asyncio.gather(*(c.close() for c in conns))
+
+
+def _sqlalchemy_statement_on(conn: Any, statement: Any) -> Op:
+    async def op() -> int:
+        t = now()
+        (await conn.execute(statement)).scalar()
+        await conn.rollback()  # what returning the connection to QueuePool does
+        return t
+
+    return op
+
+
+async def owned_sqlalchemy_connections(
+    dsn: str, connections: int, *, warmup_s: float, duration_s: float
+) -> Samples:
+    """``SELECT 1`` from ``connections`` tasks, each on its own SQLAlchemy connection."""
+    engine = create_async_engine(
+        make_url(dsn).set(drivername="postgresql+asyncpg"),
+        pool_size=connections, max_overflow=0,
+    )
+    statement = text(SELECT1)
+    try:
+        conns = [await engine.connect() for _ in range(connections)]
+        try:
+            return await closed_loop(
+                [_sqlalchemy_statement_on(c, statement) for c in conns],
+                warmup_s=warmup_s, duration_s=duration_s,
+            )
+        finally:
+            for conn in conns:
+                await conn.close()
+    finally:
+        await engine.dispose()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .limits import PGBENCH_SCRIPTS, Pgbench
 from .systems import System
-from .workloads import Point, Timing, measure_owned, measure_system
+from .workloads import Point, Timing, measure_owned, measure_owned_sqlalchemy, measure_system
 
 # Workload c: 10 callers fill pool 10; 100 and 500 callers are 10x and 50x overload.
 OVERLOAD_CALLERS = (100, 500)
@@ -29,6 +29,8 @@ PGBENCH_CLIENTS = (10, 64)
 SHED_PAUSE_S = 0.1
 BARE = "bare"
 IDEAL = "ideal"
+SQLALCHEMY_BARE = "sqlalchemy-bare"  # one SQLAlchemy connection, one task
+SQLALCHEMY_IDEAL = "sqlalchemy-ideal"  # P tasks owning a SQLAlchemy connection each
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +109,18 @@ def one_round(
     def owned(point: Point, name: str) -> None:
         tasks.append(Task(point, name, partial(measure_owned, point, dsn, timing)))
 
+    def owned_sqlalchemy(point: Point, name: str) -> None:
+        if any(system.key == "sqlalchemy" for system in systems):  # compared with it only
+            tasks.append(Task(point, name, partial(measure_owned_sqlalchemy, point, dsn, timing)))
+
     for c in HOLD_CONCURRENCIES:
         pools_at(Point("a", c, HOLD_POOL))
     # Each limit runs right before the b points it is compared with.
     owned(Point("limit", 1, 1), BARE)
+    owned_sqlalchemy(Point("limit", 1, 1), SQLALCHEMY_BARE)
     for size in profile.pool_sizes:
         owned(Point("limit", size, size), IDEAL)
+        owned_sqlalchemy(Point("limit", size, size), SQLALCHEMY_IDEAL)
         for point in b_points(profile):
             if point.pool_size == size:
                 pools_at(point)

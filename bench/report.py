@@ -7,7 +7,7 @@ from typing import Any
 
 from .bar import Check
 from .limits import PGBENCH_SCRIPTS
-from .plan import BARE, IDEAL
+from .plan import BARE, IDEAL, SQLALCHEMY_BARE, SQLALCHEMY_IDEAL
 from .results import BASELINE, Results, Series
 from .stats import DASH, TIMES, Spread
 from .workloads import WORKLOADS
@@ -15,6 +15,8 @@ from .workloads import WORKLOADS
 LIMIT_LABELS = {
     BARE: "limit: bare asyncpg connection",
     IDEAL: "limit: no-pool ideal (P tasks, own connection each)",
+    SQLALCHEMY_BARE: "limit: bare SQLAlchemy connection",
+    SQLALCHEMY_IDEAL: "limit: SQLAlchemy no-pool ideal (P tasks, own AsyncConnection each)",
 }
 
 
@@ -132,6 +134,8 @@ class Report:
             ("limit C=1 P=1", BARE, "bare connection C=1"),
             ("limit C=10 P=10", IDEAL, "no-pool ideal P=10"),
             ("limit C=20 P=20", IDEAL, "no-pool ideal P=20"),
+            ("limit C=1 P=1", SQLALCHEMY_BARE, "bare SQLAlchemy connection C=1"),
+            ("limit C=10 P=10", SQLALCHEMY_IDEAL, "SQLAlchemy no-pool ideal P=10"),
             ("capacity C=10 P=10", IDEAL, "workload c capacity (P=10 owned, pg_sleep(0.01))"),
             ("pgbench C=64 P=0", "select1", "pgbench SELECT 1 c=64"),
             ("pgbench C=64 P=0", "select-only", "pgbench -S c=64"),
@@ -189,10 +193,11 @@ class Report:
             ideal = self._get(f"limit C={p} P={p}", IDEAL) if workload == "b" else None
             rows = [row for who in point if (row := self._row(key, who, ideal=ideal))]
             if workload == "b":
-                if c == 1 and (bare := self._get("limit C=1 P=1", BARE)) is not None:
-                    rows.append(self._limit_row(bare, key, ideal))
-                if ideal is not None:
-                    rows.append(self._limit_row(ideal, key, ideal))
+                limits = [self._get(f"limit C={p} P={p}", SQLALCHEMY_IDEAL), ideal]
+                if c == 1:
+                    limits = [self._get("limit C=1 P=1", who) for who in (SQLALCHEMY_BARE, BARE)]
+                    limits.append(ideal)
+                rows += [self._limit_row(limit, key, ideal) for limit in limits if limit]
             out += [f"### C={c}, pool {p}", "", *_table(header, rows), ""]
         return out
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .drive import Samples, closed_loop
-from .limits import owned_connections
+from .limits import owned_connections, owned_sqlalchemy_connections
 from .stats import percentile
 from .systems import SELECT1, SLEEP, PoolSpec, System
 
@@ -24,7 +24,10 @@ WORKLOADS = {
     "b": "SELECT 1 per acquire",
     "c": "overload: SELECT pg_sleep(0.01) per acquire, acquire budget 1 s",
     "d": "instrumentation overhead: poolwarden observability on vs off",
-    "limit": "limits of this client: bare connection (C=1), P tasks owning P connections",
+    "limit": (
+        "limits of this client: bare connection (C=1), P tasks owning P connections "
+        "(asyncpg; and SQLAlchemy connections, BEGIN/SELECT 1/ROLLBACK)"
+    ),
     "capacity": "workload c's capacity: 10 tasks owning 10 connections, SELECT pg_sleep(0.01)",
     "pgbench": "the server's own limit (pgbench, separate process)",
 }
@@ -122,4 +125,13 @@ def measure_owned(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
             statement=SLEEP if capacity else SELECT1,
         )
     )
+    return metrics(samples)
+
+
+def measure_owned_sqlalchemy(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
+    """One measurement of the SQLAlchemy limit: ``point.concurrency`` tasks each owning an
+    ``AsyncConnection``."""
+    gc.collect()
+    samples = asyncio.run(owned_sqlalchemy_connections(
+        dsn, point.concurrency, warmup_s=timing.warmup_s, duration_s=timing.duration_s))
     return metrics(samples)

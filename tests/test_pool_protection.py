@@ -16,6 +16,7 @@ from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.protect.admission import AdmissionConfig
 from poolwarden.protect.breaker import BreakerConfig
 from poolwarden.protect.limiter import LimiterConfig
+from poolwarden.testing import FaultProxy
 
 
 async def test_breaker_opens_on_a_down_server_fails_fast_and_closes_when_it_is_back(
@@ -63,6 +64,39 @@ async def test_breaker_opens_on_a_down_server_fails_fast_and_closes_when_it_is_b
     states = [(t.old, t.new) for t in transitions]
     assert states[0] == ("closed", "open")
     assert ("half_open", "closed") in states
+
+
+async def test_a_cancelled_probe_frees_its_slot_for_the_next_caller(
+    pg: EmbeddedPostgres, proxy: FaultProxy
+) -> None:
+    """Half open, one probe at a time: the probe waits for a connection the pool is still
+    opening (the server is blackholed, so the attempt hangs); cancelling it frees the probe
+    slot, so the next caller is let through to wait in its turn instead of being refused
+    with CircuitOpen while nobody is probing."""
+    config = config_for(
+        proxy.dsn_for(pg.dsn), min_size=0, pool_size=2, acquire_timeout=5.0,
+        connect_timeout=5.0, reconnect_initial_delay=0.01, reconnect_max_delay=0.02,
+        breaker=BreakerConfig(consecutive_failures=2, open_s=0.2, max_open_s=0.2, jitter=0.0),
+    )
+    async with Pool(config) as pool:
+        proxy.refuse()
+        proxy.reset_all()  # the connection opened at start is gone too
+        await asyncio.sleep(0.05)
+        with pytest.raises(CircuitOpen):  # failed fast once the refused attempts opened it
+            await asyncio.wait_for(pool.acquire(), 4.0)
+        proxy.blackhole()  # from now on, connection attempts hang
+        await asyncio.sleep(0.3)  # the open period ends: the next caller is the probe
+        probe = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0.1)
+        assert not probe.done()  # waiting for the hanging attempt
+        assert pool.stats().breaker_state == "half_open"
+        with pytest.raises(CircuitOpen):  # one probe at a time
+            await pool.acquire(timeout=0.2)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        with pytest.raises(PoolTimeout):  # let through this time: it waited, then timed out
+            await pool.acquire(timeout=0.2)
 
 
 async def test_overload_refuses_the_excess_at_once_and_serves_the_rest_within_budget(

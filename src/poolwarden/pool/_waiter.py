@@ -1,4 +1,4 @@
-"""A caller waiting for a connection, and the acknowledged handoff to it."""
+"""A caller waiting for a connection (the pool hands one over by setting its future)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ if TYPE_CHECKING:
 
 
 class Waiter:
-    """One queued acquire. ``offer`` is the handoff: it says whether the waiter took it.
+    """One queued acquire. The handoff (``Pool._hand_on``) sets its future's result.
 
-    A waiter that timed out or was cancelled has a done future and refuses the offer, so the
+    A waiter that timed out or was cancelled has a done future and is skipped, so the
     releaser hands the connection to the next waiter instead of losing it. A waiter that is
-    cancelled *after* accepting gives the connection back itself (see ``Pool._wait``).
+    cancelled *after* being handed one gives the connection back itself
+    (``Pool._abandon``).
     """
 
     __slots__ = ("deadline", "future", "limit", "since")
@@ -29,14 +30,6 @@ class Waiter:
         # what set that instant: "acquire_timeout", the caller's "deadline", or "shed"
         # (overload admission caps how long a waiter may stay queued)
         self.limit = limit
-
-    def offer(self, record: Record) -> bool:
-        """Hand ``record`` to this waiter; ``False`` if it no longer wants one."""
-        future = self.future
-        if future.done():
-            return False
-        future.set_result(record)
-        return True
 
     def __repr__(self) -> str:
         state = "waiting" if not self.future.done() else "served_or_abandoned"

@@ -316,7 +316,7 @@ class Pool:
         """
         return self._acquire(timeout, deadline, None)
 
-    async def _acquire(
+    async def _acquire(  # noqa: PLR0912 - the hot path, written out on purpose
         self, timeout: float | None, deadline: float | None, block: Checkout | None
     ) -> PooledConnection:
         """:meth:`acquire`; for ``async with pool.connection()`` (``block``), the connection
@@ -358,10 +358,21 @@ class Pool:
             if block is not None:
                 block._conn = record.conn
             return record.conn
-        if breaker is None or breaker.state is _CLOSED:
-            conn = await self._wait(now, timeout, deadline, 0 if block else _USER_FROM_WAIT)
-        else:
-            conn = await self._probe(now, timeout, deadline, 0 if block else _USER_FROM_WAIT + 1)
+        # The wait, written out here rather than in a coroutine of its own: one frame less
+        # on the path that every caller of a busy pool takes.
+        probe = breaker is not None and breaker.state is not _CLOSED  # (half-open)
+        try:
+            waiter = self._enqueue(now, timeout, deadline)
+            try:
+                record = await waiter.future
+            except asyncio.CancelledError:
+                self._abandon(waiter)
+                raise
+        except BaseException:
+            if probe and breaker is not None:  # a probe that never got one frees its slot
+                breaker.record_abandoned(_monotonic())
+            raise
+        conn = self._served(record, now, 0 if block else _USER_FROM_WAIT)
         if block is not None:
             block._conn = conn
         return conn
@@ -380,22 +391,9 @@ class Pool:
                                    state=self._state(), waited_s=0.0)
         return deadline
 
-    async def _probe(
-        self, now: float, timeout: float | None, deadline: float | None, user_depth: int
-    ) -> PooledConnection:
-        """Wait as a half-open breaker's probe: if it never gets a connection, its probe
-        slot is freed."""
-        try:
-            return await self._wait(now, timeout, deadline, user_depth)
-        except BaseException:
-            breaker = self._breaker
-            if breaker is not None:
-                breaker.record_abandoned(_monotonic())
-            raise
-
-    async def _wait(
-        self, now: float, timeout: float | None, deadline: float | None, user_depth: int
-    ) -> PooledConnection:
+    def _enqueue(self, now: float, timeout: float | None, deadline: float | None) -> Waiter:
+        """Queue a caller who cannot be served at once (the wait's first half); refused
+        here when the queue is full or admission says the wait would be too long."""
         waiting = len(self._waiters)
         if waiting >= self._max_waiting:
             self._refusals += 1
@@ -420,34 +418,38 @@ class Pool:
             cap = now + admission.max_wait(budget)
             if cap < limit:
                 limit, why = cap, "shed"
-        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(future, now, limit, why)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), now, limit, why)
         self._waiters.append(waiter)
         if limit < self._expiry_at:
             self._schedule_expiry(limit, now)
         if self._total() < self._max_size:
             self._grow()
-        try:
-            record = await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                # Served in the same loop step as we were cancelled: pass it on, not lose it.
-                self._hand_on(future.result())
-            else:
-                self._forget(waiter)
-            self._cancelled += 1
-            raise
+        return waiter
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """A waiting caller was cancelled. Served in the same loop step as it was cancelled:
+        pass the connection on, not lose it."""
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._hand_on(future.result())
+        else:
+            self._forget(waiter)
+        self._cancelled += 1
+
+    def _served(self, record: Record, since: float, user_depth: int) -> PooledConnection:
+        """The wait's second half: a waiter got ``record``."""
         done = _monotonic()
+        waited = done - since
         self._acquires += 1
         self._waited += 1
-        self._wait_s += done - now
-        self._h_wait.observe(done - now)
-        if admission is not None:
-            admission.on_served(done - now, done)
+        self._wait_s += waited
+        self._h_wait.observe(waited)
+        if self._admission is not None:
+            self._admission.on_served(waited, done)
         record.acquired_at = done
         record.inflight = self._n_in_use
         if self._leak_threshold is not None or self.events.active:
-            self._watch(record, done - now, user_depth)
+            self._watch(record, waited, user_depth)
         return record.conn
 
     def _watch(self, record: Record, wait_s: float, user_depth: int) -> None:
@@ -456,7 +458,9 @@ class Pool:
         caller is), the acquiring stack — ``async with pool.connection()`` needs none, the
         holder's own stack shows the block while it is held; and the per-acquire event."""
         if self._leak_threshold is not None:
-            record.holder = _current_task()
+            # (asyncio.current_task(), without its pure-Python call before 3.12)
+            record.holder = (asyncio.current_task() if _current_tasks is None
+                             else _current_tasks.get(_running_loop()))
             record.stack = _caller_stack(user_depth) if user_depth else None
             record.leak_reported = False
         if self.events.active:
@@ -744,7 +748,9 @@ class Pool:
         waiters = self._waiters
         if self._n_in_use <= self._limit:  # (``record`` is counted in use)
             while waiters:
-                if waiters.popleft().offer(record):
+                future = waiters.popleft().future  # (the waiter's offer, inline)
+                if not future.done():
+                    future.set_result(record)
                     return
             if self._admission is not None:
                 self._admission.on_queue_empty(_monotonic() if now is None else now)
@@ -1078,7 +1084,7 @@ def _caller_stack(depth: int) -> StackRef:
 
 
 _OURS = globals()
-# frames from Pool._watch up to the caller of acquire(): _watch, _acquire (, _probe, _wait)
+# frames from Pool._watch up to the caller of acquire(): _watch, (_served,) _acquire
 _USER_FROM_IDLE = 2
 _USER_FROM_WAIT = 3
 
@@ -1087,11 +1093,6 @@ _running_loop = asyncio.events._get_running_loop
 _current_tasks: dict[object, asyncio.Task[Any]] | None = getattr(
     asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
 
-
-def _current_task() -> asyncio.Task[Any] | None:
-    if _current_tasks is not None:
-        return _current_tasks.get(_running_loop())
-    return asyncio.current_task()
 
 
 def _line_of(code: types.CodeType, offset: int) -> int:
