@@ -172,13 +172,22 @@ def checks(results: Results) -> list[Check]:
                 _at_most(f"{label}: p99 time-to-refusal", shed.median, 5.0, "≤ 5 ms", "{:.1f} ms")
             )
     for key in (D10, D64):
-        ratio = _ratio(results, get(key, "poolwarden-obs-on"), get(key, "poolwarden-obs-off"))
+        on, off = get(key, "poolwarden-obs-on"), get(key, "poolwarden-obs-off")
         out.append(
             _at_least(
                 f"d. SELECT 1 {key[2:]}: all observability on / off",
-                ratio,
+                _ratio(results, on, off),
                 0.97,
                 f"≥ {TIMES}0.97 (costs ≤ 3%)",
             )
         )
+        cpu = results.ratio(on, off, "cpu_us_per_op")
+        on_cpu, off_cpu = (s.median("cpu_us_per_op") if s else None for s in (on, off))
+        out.append(Check(
+            f"d. SELECT 1 {key[2:]}: client CPU per op, on / off (context: steadier than "
+            "throughput here)",
+            DASH if cpu is None or on_cpu is None or off_cpu is None else
+            f"{TIMES}{cpu.median:.3f} ({on_cpu - off_cpu:+.2f} µs of {off_cpu:.1f})",
+            "(context)", None,
+        ))
     return out

@@ -44,6 +44,7 @@ class Samples:
     late_finishes: int = 0
     errors: int = 0
     first_error: str | None = None
+    cpu_s: float | None = None  # this process's CPU time inside the window (all tasks)
 
 
 async def closed_loop(
@@ -101,5 +102,13 @@ async def closed_loop(
                     out.late_acquires += t_conn - t0 > budget_ns
                     out.late_finishes += t1 - t0 > budget_ns
 
-    await asyncio.gather(*(worker(op) for op in ops))
+    async def cpu_meter() -> None:
+        # The client's CPU per operation is steadier than its throughput on a shared
+        # machine: the server's and the neighbours' load moves it much less.
+        await asyncio.sleep(max(0.0, (start_ns - now()) / 1e9))
+        cpu = time.process_time()
+        await asyncio.sleep(max(0.0, (stop_ns - now()) / 1e9))
+        out.cpu_s = time.process_time() - cpu
+
+    await asyncio.gather(cpu_meter(), *(worker(op) for op in ops))
     return out

@@ -1,8 +1,9 @@
 """What one run measures: the profiles (full, quick) and the interleaved rounds of tasks.
 
-A round measures every (point, participant) once, participants of a point back to back
-(A B C D); the run repeats the round, so each figure has one sample per round and slow
-drifts of a shared machine hit every system alike.
+A round measures every (point, participant) once, participants of a point back to back;
+the run repeats the round, so each figure has one sample per round and slow drifts of a
+shared machine hit every system alike. Odd rounds take the participants in reverse order
+(A B C D, D C B A, ...), so that going first or last at a point favours nobody.
 """
 
 from __future__ import annotations
@@ -93,16 +94,18 @@ def b_points(profile: Profile) -> list[Point]:
 
 
 def one_round(
-    profile: Profile, systems: Sequence[System], dsn: str, pgbench: Pgbench | None
+    profile: Profile, systems: Sequence[System], dsn: str, pgbench: Pgbench | None,
+    round_no: int = 0,
 ) -> list[Task]:
-    """Every task of one round, in the order they run."""
+    """Every task of round ``round_no``, in the order they run."""
     timing = profile.timing
     tasks: list[Task] = []
+    in_order = list(systems) if round_no % 2 == 0 else list(reversed(systems))
 
     def pools_at(point: Point) -> None:
         tasks.extend(
             Task(point, system.key, partial(measure_system, system, point, dsn, timing))
-            for system in systems
+            for system in in_order
             if point.workload in system.workloads
         )
 

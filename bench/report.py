@@ -176,7 +176,8 @@ class Report:
         ]
         if ideal is not None:
             row.append(_cell(self.r.ratio(series, ideal), ratio=True))
-        row += [_cell(series.spread(m)) for m in ("p50_ms", "p99_ms", "wait_p99_ms")]
+        row += [_cell(series.spread(m))
+                for m in ("p50_ms", "p99_ms", "wait_p99_ms", "cpu_us_per_op")]
         row.append(_num(sum(v or 0 for v in series.values.get("errors", []))))
         return row
 
@@ -185,7 +186,7 @@ class Report:
         header = ["system", "ops/s", f"{TIMES}asyncpg"]
         if workload == "b":
             header.append(f"{TIMES}ideal P")
-        header += ["p50 ms", "p99 ms", "p99 acquire wait ms", "errors"]
+        header += ["p50 ms", "p99 ms", "p99 acquire wait ms", "client CPU µs/op", "errors"]
         for key in self._keys(workload):
             point = self.r.at(key)
             any_series = next(iter(point.values()))
@@ -211,6 +212,7 @@ class Report:
             _cell(limit.spread("p50_ms")),
             _cell(limit.spread("p99_ms")),
             DASH,
+            _cell(limit.spread("cpu_us_per_op")),
             _num(sum(v or 0 for v in limit.values.get("errors", []))),
         ]
 

@@ -14,6 +14,7 @@ NUMERIC = (
     "p50_ms",
     "p99_ms",
     "wait_p99_ms",
+    "cpu_us_per_op",
     "errors",
     "timeouts",
     "refusals",

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             done = 0
             for round_no in range(profile.rounds):
-                for task in one_round(profile, systems, tgt.dsn, pgbench):
+                for task in one_round(profile, systems, tgt.dsn, pgbench, round_no):
                     done += 1
                     try:
                         figures = task.run()

@@ -71,6 +71,10 @@ def metrics(samples: Samples, *, overload: bool = False) -> dict[str, Any]:
         "p99_ms": _ms(percentile(samples.total_ns, 99)),
         "wait_p99_ms": _ms(percentile(samples.wait_ns, 99)),
         "errors": samples.errors,
+        "cpu_us_per_op": (
+            samples.cpu_s / len(samples.total_ns) * 1e6
+            if samples.cpu_s is not None and samples.total_ns else None
+        ),
     }
     if samples.first_error:
         out["first_error"] = samples.first_error
