@@ -129,29 +129,22 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
     def do_execute(
         self, cursor: Any, statement: str, parameters: Any, context: Any = None
     ) -> None:
-        observer: QueryObserver | None = getattr(cursor._connection, "_pw_observer", None)
-        if observer is None:
-            cursor.execute(statement, parameters)
-        else:
-            self._timed(observer, cursor, statement, parameters)
+        self._execute(cursor, statement, parameters)
 
     def do_execute_no_params(self, cursor: Any, statement: str, context: Any = None) -> None:
+        self._execute(cursor, statement, None)
+
+    def _execute(self, cursor: Any, statement: str, parameters: Any) -> None:
+        """One cursor execution (``parameters`` ``None``: sent without a parameter list),
+        reported to the connection's observer when it has one, its error too."""
+        call = (statement,) if parameters is None else (statement, parameters)
         observer: QueryObserver | None = getattr(cursor._connection, "_pw_observer", None)
         if observer is None:
-            cursor.execute(statement)
-        else:
-            self._timed(observer, cursor, statement, None)
-
-    def _timed(
-        self, observer: QueryObserver, cursor: Any, statement: str, parameters: Any
-    ) -> None:
-        """Run one cursor execution and report it to ``observer``, its error too."""
+            cursor.execute(*call)
+            return
         start = _monotonic()
         try:
-            if parameters is None:
-                cursor.execute(statement)
-            else:
-                cursor.execute(statement, parameters)
+            cursor.execute(*call)
         except BaseException as exc:
             error: BaseException = exc
             if exc.__cause__ is not None and isinstance(exc, self.loaded_dbapi.Error):

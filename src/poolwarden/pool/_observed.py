@@ -17,7 +17,7 @@ when they raise (reported, then re-raised):
 Why not asyncpg's ``add_query_logger``: a query logger costs a ``loop.call_soon`` per
 statement and is not called for ``PreparedStatement`` execution. What the pool does not
 see is exactly what SQLAlchemy runs (``prepare()`` + prepared statements), which
-:mod:`poolwarden.sqlalchemy` observes from its cursor events instead — so no statement is
+:mod:`poolwarden.sqlalchemy` times in its dialect's cursor calls instead — so no statement is
 counted twice. What the pool does see on both paths: transaction control that asyncpg's
 ``Transaction`` sends through ``execute`` (``BEGIN``, ``COMMIT``, ``ROLLBACK``, savepoints)
 — each a round trip of its own, and a slow ``COMMIT`` is worth logging. Not observed:
@@ -47,7 +47,6 @@ import re
 import reprlib
 import time
 import weakref
-from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -146,8 +145,8 @@ class QueryObserver:
     off by default because parameters hold personal data and secrets.
     """
 
-    __slots__ = ("_bounds", "_counts", "_histogram", "_slow_s", "_taps", "events",
-                 "log_params", "max_statement_chars", "node", "slow_threshold_s")
+    __slots__ = ("_record", "_slow_s", "_taps", "events", "log_params", "max_statement_chars",
+                 "node", "slow_threshold_s")
 
     def __init__(
         self,
@@ -166,9 +165,7 @@ class QueryObserver:
         self.slow_threshold_s = slow_threshold_s
         self.log_params = log_params
         self.max_statement_chars = max_statement_chars
-        # timed() records into the histogram itself: one call less per statement
-        self._histogram = histogram
-        self._bounds, self._counts = histogram.bounds_s, histogram.buckets()
+        self._record = histogram.observe  # bound once: one lookup less per statement
         self._slow_s = math.inf if slow_threshold_s is None else slow_threshold_s
         self._taps = _taps_for(events)
 
@@ -186,8 +183,7 @@ class QueryObserver:
         """The first half of :meth:`observe`, for callers that find the statement only when
         asked: count the duration; ``True`` when :meth:`report` wants the statement (it was
         slow, or a tap listens)."""
-        self._counts[bisect_left(self._bounds, elapsed_s)] += 1  # Histogram.observe, inline
-        self._histogram.sum_s += elapsed_s
+        self._record(elapsed_s)
         return elapsed_s > self._slow_s or bool(self._taps)
 
     def report(

@@ -73,11 +73,6 @@ class Histogram:
         self._counts[bisect_left(self.bounds_s, seconds)] += 1
         self.sum_s += seconds
 
-    def buckets(self) -> list[int]:
-        """The live per-bucket counts, for a hot path that records inline (exactly as
-        :meth:`observe` does: ``buckets[bisect_left(bounds_s, s)] += 1`` and ``sum_s += s``)."""
-        return self._counts
-
     def observe_zero(self) -> None:
         """Record an observation of 0 s (an acquire that did not wait) without a search."""
         self._counts[0] += 1
