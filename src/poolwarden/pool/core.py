@@ -98,6 +98,10 @@ class Pool:
         # Background work cancelled on close (connect attempts, maintenance) and I/O that
         # close() waits for instead (closing connections, restores that return a slot).
         self._workers: set[asyncio.Task[None]] = set()
+        # The loop the pool was opened on (its connections belong to it). Kept, because
+        # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (~0.13 µs),
+        # too much for the paths every checkout takes.
+        self._loop: asyncio.AbstractEventLoop = _NO_LOOP
         self._io: set[asyncio.Task[None]] = set()
         self._backoff = Backoff(config.reconnect_initial_delay, config.reconnect_max_delay)
         self._last_error: BaseException | None = None
@@ -194,6 +198,7 @@ class Pool:
         if self._opened:
             return
         self._opened = True
+        self._loop = asyncio.get_running_loop()
         self._admitting = True
         self._spawn(_periodically(weakref.ref(self), self._config.maintenance_interval,
                                   Pool.maintain))
@@ -418,7 +423,7 @@ class Pool:
             cap = now + admission.max_wait(budget)
             if cap < limit:
                 limit, why = cap, "shed"
-        waiter = Waiter(asyncio.get_running_loop().create_future(), now, limit, why)
+        waiter = Waiter(self._loop.create_future(), now, limit, why)
         self._waiters.append(waiter)
         if limit < self._expiry_at:
             self._schedule_expiry(limit, now)
@@ -458,9 +463,7 @@ class Pool:
         caller is), the acquiring stack — ``async with pool.connection()`` needs none, the
         holder's own stack shows the block while it is held; and the per-acquire event."""
         if self._leak_threshold is not None:
-            # (asyncio.current_task(), without its pure-Python call before 3.12)
-            record.holder = (asyncio.current_task() if _current_tasks is None
-                             else _current_tasks.get(_running_loop()))
+            record.holder = _task_on(self._loop)
             record.stack = _caller_stack(user_depth) if user_depth else None
             record.leak_reported = False
         if self.events.active:
@@ -562,7 +565,7 @@ class Pool:
         if self._expiry is not None:
             self._expiry.cancel()
         self._expiry_at = when
-        self._expiry = asyncio.get_running_loop().call_later(when - now, self._expire_due)
+        self._expiry = self._loop.call_later(when - now, self._expire_due)
 
     def _expire_due(self) -> None:
         """Timer callback: fail every waiter whose deadline has passed, then set the timer
@@ -952,7 +955,7 @@ class Pool:
 
     def _track(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
         """Run I/O that must finish even if its caller is cancelled; close() awaits it."""
-        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        task = self._loop.create_task(coro, context=contextvars.Context())
         self._io.add(task)
         task.add_done_callback(self._io.discard)
         return task
@@ -1088,10 +1091,12 @@ _OURS = globals()
 _USER_FROM_IDLE = 2
 _USER_FROM_WAIT = 3
 
-# asyncio.current_task() is pure Python before 3.12 (~0.2 µs); its dict lookup is not
-_running_loop = asyncio.events._get_running_loop
-_current_tasks: dict[object, asyncio.Task[Any]] | None = getattr(
-    asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
+# The task running on a loop: asyncio.current_task(loop), which before 3.12 is pure Python
+# around a dict lookup; the lookup itself is not.
+_task_on: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
+    asyncio.tasks._current_tasks.get if sys.version_info < (3, 12)  # type: ignore[attr-defined]
+    else asyncio.current_task)
+_NO_LOOP: Any = None  # Pool._loop until open()
 
 
 
