@@ -82,6 +82,15 @@ def test_config_reports_every_problem_at_once() -> None:
         ({"reconnect_initial_delay": 5, "reconnect_max_delay": 1}, "reconnect_max_delay"),
         ({"maintenance_interval": 0}, "maintenance_interval"),
         ({"dsn": ""}, "dsn"),
+        # the wrong type is reported as such, not as a TypeError from a comparison
+        ({"command_timeout": None}, "command_timeout"),
+        ({"acquire_timeout": "5"}, "acquire_timeout"),
+        ({"pool_size": "10"}, "pool_size"),
+        ({"min_size": 2.5}, "min_size"),
+        ({"max_waiting": True}, "max_waiting"),
+        ({"max_lifetime": float("nan")}, "max_lifetime"),
+        ({"lifetime_jitter": None}, "lifetime_jitter"),
+        ({"leak_threshold": "30"}, "leak_threshold"),
     ],
 )
 def test_each_config_rule_names_its_field(overrides: dict[str, object], variable: str) -> None:

@@ -8,6 +8,7 @@ only through :meth:`poolwarden.pool.Pool.resize`, never by mutation.
 from __future__ import annotations
 
 import enum
+import math
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,36 +128,58 @@ class PoolConfig:
 
 
 def _problems(c: PoolConfig) -> list[ConfigProblem]:
-    """Every rule ``c`` breaks; the variable names are the pool's field names."""
+    """Every rule ``c`` breaks; the variable names are the pool's field names. A value of
+    the wrong type (``None`` for a duration, ``"10"`` for a size) breaks its rule too."""
     out: list[ConfigProblem] = []
 
     def need(ok: bool, variable: str, rule: str, value: object) -> None:
         if not ok:
             out.append(ConfigProblem(variable, rule, repr(value)))
 
-    need(bool(c.dsn), "dsn", "must not be empty", "")
-    need(c.min_size >= 0, "min_size", "must be >= 0", c.min_size)
-    need(c.pool_size >= 1, "pool_size", "must be >= 1", c.pool_size)
-    need(c.max_overflow >= 0, "max_overflow", "must be >= 0", c.max_overflow)
-    need(c.min_size <= c.pool_size, "min_size", "must be <= pool_size", c.min_size)
-    need(c.max_waiting >= 0, "max_waiting", "must be >= 0", c.max_waiting)
+    def at_least(name: str, low: int) -> None:
+        value = getattr(c, name)
+        need(_integer(value) and value >= low, name, f"must be an integer >= {low}", value)
+
+    def seconds(name: str, rule: str, ok: Callable[[float], bool], *, unset: bool) -> None:
+        value = getattr(c, name)
+        need((unset and value is None) or (_number(value) and ok(value)), name, rule, value)
+
+    need(isinstance(c.dsn, str) and bool(c.dsn), "dsn", "must not be empty", "")
+    for name, low in (("min_size", 0), ("pool_size", 1), ("max_overflow", 0),
+                      ("max_waiting", 0), ("statement_cache_size", 0),
+                      ("max_concurrent_connects", 1)):
+        at_least(name, low)
     for name in ("acquire_timeout", "connect_timeout", "command_timeout", "release_timeout",
                  "max_lifetime", "idle_timeout", "reconnect_initial_delay",
                  "reconnect_max_delay", "maintenance_interval"):
-        value = getattr(c, name)
-        need(value > 0, name, "must be > 0 seconds", value)
-    need(c.ping_after_idle >= 0, "ping_after_idle", "must be >= 0 seconds", c.ping_after_idle)
-    need(0 <= c.lifetime_jitter < 1, "lifetime_jitter", "must be in [0, 1)", c.lifetime_jitter)
+        seconds(name, "must be > 0 seconds", _positive, unset=False)
+    seconds("ping_after_idle", "must be >= 0 seconds", _not_negative, unset=False)
+    seconds("lifetime_jitter", "must be in [0, 1)", lambda v: 0 <= v < 1, unset=False)
     for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_timeout"):
-        value = getattr(c, name)
-        need(value is None or value >= 0, name, "must be >= 0 seconds or unset", value)
-    need(c.statement_cache_size >= 0, "statement_cache_size", "must be >= 0",
-         c.statement_cache_size)
-    need(c.max_concurrent_connects >= 1, "max_concurrent_connects", "must be >= 1",
-         c.max_concurrent_connects)
+        seconds(name, "must be >= 0 seconds or unset", _not_negative, unset=True)
     for name in ("slow_query_threshold", "leak_threshold"):
-        value = getattr(c, name)
-        need(value is None or value > 0, name, "must be > 0 seconds or unset", value)
+        seconds(name, "must be > 0 seconds or unset", _positive, unset=True)
+    if out:  # the rules between fields need each one valid on its own
+        return out
+    need(c.min_size <= c.pool_size, "min_size", "must be <= pool_size", c.min_size)
     need(c.reconnect_max_delay >= c.reconnect_initial_delay, "reconnect_max_delay",
          "must be >= reconnect_initial_delay", c.reconnect_max_delay)
     return out
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not math.isnan(value)
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _not_negative(value: float) -> bool:
+    return value >= 0
