@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ from pool_helpers import open_pool, server_sessions
 from poolwarden import StatementTimeout, deadline
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.events import Event, StatementStopped
+from poolwarden.pool._driver import StatementSection
 from poolwarden.pool._record import ConnState
 from poolwarden.pool._watchdog import MAX_INTERVAL_S, MIN_INTERVAL_S, StatementWatchdog
 from poolwarden.testing.proxy import FaultProxy
@@ -26,10 +28,12 @@ from poolwarden.testing.proxy import FaultProxy
 # ------------------------------------------------------------------ the decision, no server
 
 
-@dataclass
-class _Section:
-    _acquired: int = 0
-    relied: bool = True  # the statement took its timeout from the watchdog
+def _section(acquired: int = 0, *, relied: bool = True) -> StatementSection:
+    """The real section, on no connection; ``relied``: the statement running in it took
+    its timeout from the watchdog (asyncpg read ``command_timeout`` and got none)."""
+    section = StatementSection(cast(Any, None))
+    section._acquired, section.relied = acquired, relied
+    return section
 
 
 @dataclass
@@ -39,7 +43,7 @@ class _Protocol:
 
 @dataclass
 class _Conn:
-    _stmt_exclusive_section: _Section = field(default_factory=_Section)
+    _stmt_exclusive_section: StatementSection = field(default_factory=_section)
     _protocol: _Protocol = field(default_factory=_Protocol)
 
 
@@ -97,8 +101,29 @@ def test_progress_or_the_end_of_the_statement_restarts_the_clock() -> None:
 def test_a_statement_with_its_own_timeout_is_left_alone() -> None:
     dog = StatementWatchdog(0.1)
     record = _Record()
-    record.conn._stmt_exclusive_section = _Section(_acquired=1, relied=False)
+    record.conn._stmt_exclusive_section = _section(1, relied=False)
     assert [_scan(dog, record, t) for t in (0.0, 1.0, 2.0)] == [[], [], []]
+
+
+def test_statements_outside_the_section_are_watched_while_lent() -> None:
+    """The SQLAlchemy dialect puts its cursor calls and transaction control (prepared
+    statements and simple queries, outside asyncpg's section) under the watchdog: watched
+    while lent, and only once asyncpg took its timeout from the watchdog."""
+    dog = StatementWatchdog(1.0)
+    record = _Record()
+    section = record.conn._stmt_exclusive_section
+    section.relied = False
+    section.watch_outside()
+    section.watch_outside()  # nested (a rollback inside an execute's error handling)
+    assert _scan(dog, record, 0.0) == []  # lent, but no statement has asked for a timeout
+    section.relied = True  # asyncpg read command_timeout (see bind_deadline)
+    assert _scan(dog, record, 0.1) == []
+    assert _scan(dog, record, 1.1) == [("cancel", pytest.approx(1.0))]
+    section.unwatch_outside()
+    assert section.busy
+    section.unwatch_outside()
+    assert not section.busy
+    assert _scan(dog, record, 5.0) == []
 
 
 def test_idle_and_closed_connections_are_ignored() -> None:

@@ -43,6 +43,13 @@ the statement is new to the connection and, for the first statement of a transac
 ``BEGIN`` sent just before it are included; rows a server-side cursor streams later are
 not.
 
+``command_timeout`` is the core's statement watchdog's on this path too (see
+:mod:`poolwarden.pool._watchdog`): the dialect's cursor calls and the transaction's
+``COMMIT``/``ROLLBACK`` arm no asyncpg timer each. A statement the watchdog stops raises
+:class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``) from the cursor call or the
+commit, and the core closes the connection at release; SQLAlchemy's rollback on return of
+such a connection is skipped quietly when it fails (the session ends with the connection).
+
 ``engine.dispose()`` forgets SQLAlchemy's per-connection state but does not close the core
 or its connections: whoever opened the core closes it. ``Connection.detach()`` is not
 supported: the core closes a detached connection (to own a connection, ``pool.acquire()``).
@@ -78,10 +85,12 @@ from sqlalchemy.util import await_
 from sqlalchemy.util.concurrency import in_greenlet
 
 from .pool import Pool, PoolConfig, PooledConnection
+from .pool.core import stopped_statement_error
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
 
+    from .pool._driver import StatementSection
     from .pool._observed import QueryObserver
 
 __all__ = [
@@ -136,25 +145,81 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
 
     def _execute(self, cursor: Any, statement: str, parameters: Any) -> None:
         """One cursor execution (``parameters`` ``None``: sent without a parameter list),
-        reported to the connection's observer when it has one, its error too."""
+        bounded by the core's statement watchdog and reported to the connection's observer
+        (its error too), as far as the core has them."""
         call = (statement,) if parameters is None else (statement, parameters)
-        observer: QueryObserver | None = getattr(cursor._connection, "_pw_observer", None)
-        if observer is None:
+        conn = cursor._connection
+        watched: StatementSection | None = getattr(conn, "_pw_watched", None)
+        observer: QueryObserver | None = getattr(conn, "_pw_observer", None)
+        if watched is None and observer is None:
             cursor.execute(*call)
             return
         start = _monotonic()
+        if watched is not None:
+            watched.watch_outside()
         try:
             cursor.execute(*call)
         except BaseException as exc:
-            error: BaseException = exc
-            if exc.__cause__ is not None and isinstance(exc, self.loaded_dbapi.Error):
-                # the dialect's DBAPI error wraps asyncpg's ("raise ... from"): report the
-                # driver's error class, as the raw path does
-                error = exc.__cause__
-            # asyncpg's paramstyle is positional: parameters are a sequence
-            observer.observe(statement, parameters or (), _monotonic() - start, error)
+            if observer is not None:
+                error: BaseException = exc
+                if exc.__cause__ is not None and isinstance(exc, self.loaded_dbapi.Error):
+                    # the dialect's DBAPI error wraps asyncpg's ("raise ... from"): report
+                    # the driver's error class, as the raw path does
+                    error = exc.__cause__
+                # asyncpg's paramstyle is positional: parameters are a sequence
+                observer.observe(statement, parameters or (), _monotonic() - start, error)
+            _raise_if_stopped(conn, exc)
             raise
-        observer.observe(statement, parameters or (), _monotonic() - start, None)
+        finally:
+            if watched is not None:
+                watched.unwatch_outside()
+        if observer is not None:
+            observer.observe(statement, parameters or (), _monotonic() - start, None)
+
+    def do_commit(self, dbapi_connection: Any) -> None:
+        conn = dbapi_connection._connection
+        watched: StatementSection | None = getattr(conn, "_pw_watched", None)
+        if watched is None:
+            super().do_commit(dbapi_connection)  # type: ignore[no-untyped-call]
+            return
+        record = conn._pw_record
+        if record is not None and record.timed_out:  # nothing of it can be committed
+            raise stopped_statement_error(record)
+        watched.watch_outside()
+        try:
+            super().do_commit(dbapi_connection)  # type: ignore[no-untyped-call]
+        except BaseException as exc:
+            _raise_if_stopped(conn, exc)
+            raise
+        finally:
+            watched.unwatch_outside()
+
+    def do_rollback(self, dbapi_connection: Any) -> None:
+        conn = dbapi_connection._connection
+        watched: StatementSection | None = getattr(conn, "_pw_watched", None)
+        if watched is None:
+            super().do_rollback(dbapi_connection)  # type: ignore[no-untyped-call]
+            return
+        watched.watch_outside()
+        try:
+            super().do_rollback(dbapi_connection)  # type: ignore[no-untyped-call]
+        except Exception:
+            record = conn._pw_record
+            if record is None or not record.timed_out:
+                raise
+            # The watchdog stopped a statement of this checkout, so the core closes the
+            # connection at release: its transaction ends with it (what failed here was a
+            # dead or still-cancelling connection; the caller was already told).
+        finally:
+            watched.unwatch_outside()
+
+
+def _raise_if_stopped(conn: PooledConnection, exc: BaseException) -> None:
+    """``exc`` came out of a statement the core's watchdog stopped: raise what the raw path
+    raises then, :class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``)."""
+    record = conn._pw_record
+    if record is not None and record.timed_out:
+        raise stopped_statement_error(record) from exc
 
 
 _monotonic = time.monotonic

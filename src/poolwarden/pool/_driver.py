@@ -35,10 +35,12 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
     released it may already serve another task.
     """
 
-    __slots__ = ("_pw_observer", "_pw_record")
+    __slots__ = ("_pw_observer", "_pw_record", "_pw_watched")
 
     _pw_record: Record | None
     _pw_observer: Any  # a query observer (see ``_observed``), or None
+    # the statement section when the pool's watchdog enforces command_timeout, or None
+    _pw_watched: StatementSection | None
 
     def _cancel_current_command(self, waiter: Any, cancel_waiter: Any = None) -> None:
         # asyncpg sends the CancelRequest from a new task bounded by command_timeout; it
@@ -113,7 +115,10 @@ async def open_connection(
     section = install_section(conn) if watched or observed else None
     if observed and section is None:
         _warn_untimed()
-    bind_deadline(conn, watched=section if watched else None)
+    watched_by = section if watched and config.command_timeout else None
+    if not bind_deadline(conn, watched=watched_by):
+        watched_by = None
+    conn._pw_watched = watched_by
     try:
         if config.init is not None:
             async with asyncio.timeout(config.command_timeout):
@@ -146,18 +151,38 @@ class StatementSection:
 
     - ``relied``: the statement running in it took its timeout from the pool's watchdog
       (one given an explicit ``timeout=`` did not, and the watchdog leaves it alone).
+    - ``outside``: how many callers have put statements sent outside the section under the
+      watchdog too (:meth:`watch_outside`): the SQLAlchemy dialect's cursor calls and
+      transaction control, which asyncpg sends as prepared statements and simple queries.
     - Statement timing: when the connection has a query observer (``_pw_observer``), each
       statement's duration and error go to it; the statement text and arguments are read
       from asyncpg's frame only when the observer needs them (a slow statement, a tap).
     """
 
-    __slots__ = ("_acquired", "_conn", "relied", "started")
+    __slots__ = ("_acquired", "_conn", "outside", "relied", "started")
 
     def __init__(self, conn: PooledConnection) -> None:
         self._acquired = 0
         self._conn = conn
+        self.outside = 0
         self.relied = False
         self.started = 0.0
+
+    def watch_outside(self) -> None:
+        """Until the matching :meth:`unwatch_outside`, statements sent outside the section
+        (without an explicit ``timeout=`` or a deadline) are bounded by the watchdog too,
+        not by a timer each. Only for code that awaits nothing but its statements in
+        between: the watchdog reads "no progress" as "a statement is running"."""
+        self.outside += 1
+        self.relied = False
+
+    def unwatch_outside(self) -> None:
+        self.outside -= 1
+
+    @property
+    def busy(self) -> bool:
+        """A statement that relies on the watchdog may be running."""
+        return bool(self._acquired or self.outside) and self.relied
 
     def __enter__(self) -> None:
         if self._acquired:
@@ -220,7 +245,7 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: StatementSection | None 
             at = current_deadline()
             if at is None:
                 section = self._pw_section
-                if section is not None and section._acquired:
+                if section is not None and (section._acquired or section.outside):
                     section.relied = True
                     return None  # the watchdog's
                 configured: float | None = getitem(self, index)

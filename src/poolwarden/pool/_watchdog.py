@@ -19,11 +19,17 @@ server did not answer the cancel: blackholed, hung — it terminates the connect
 way the caller gets :class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``)
 through ``pool.connection()``.
 
+The SQLAlchemy dialect puts its own statements under the watchdog the same way: each
+cursor call (``BEGIN``, the prepare, the prepared statement) and each ``COMMIT`` and
+``ROLLBACK`` (:meth:`~poolwarden.pool._driver.StatementSection.watch_outside`) — three
+timers per checkout saved, and the SQLAlchemy caller gets the same
+:class:`~poolwarden.errors.StatementTimeout`.
+
 Precision: a statement is stopped between ``command_timeout`` and ``command_timeout`` plus
 two intervals after it started (within 20% for timeouts of 10 ms..10 s, up to 2 s late for
 longer ones). Statements with a deadline keep asyncpg's exact timer (cut to the deadline),
-and so do all other statements (``execute`` without arguments, prepared statements and
-SQLAlchemy, ``copy_*``, cursors): only the hot path is moved off it.
+and so do all other statements (on the raw path ``execute`` without arguments, prepared
+statements, ``copy_*``, cursors; rows a SQLAlchemy server-side cursor fetches later).
 """
 
 from __future__ import annotations
@@ -72,8 +78,7 @@ class StatementWatchdog:
             if record.state is not ConnState.IN_USE:
                 continue
             conn = record.conn
-            section = conn._stmt_exclusive_section
-            if not section._acquired or not getattr(section, "relied", False):
+            if not conn._stmt_exclusive_section.busy:
                 record.stmt_mark = -1  # no statement running that relies on the watchdog
                 continue
             count = conn._protocol.queries_count

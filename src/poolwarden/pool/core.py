@@ -24,7 +24,7 @@ import types
 import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import events as ev
 from .._secrets import dsn_target
@@ -1056,14 +1056,20 @@ class Checkout:
 
     async def _stopped(self, conn: PooledConnection, record: Record, e: BaseException) -> None:
         """The watchdog stopped a statement of this block: say so with a typed error."""
-        pool = self._pool
-        running = _monotonic() - record.stmt_since
+        error = stopped_statement_error(record)
         if record.state is _IN_USE:
-            await pool.release(conn, discard=True)
-        raise StatementTimeout(
-            f"a statement ran longer than command_timeout ({pool.config.command_timeout} s) "
-            "and was stopped", node=pool.name, state=pool._state(), running_s=running,
-        ) from e
+            await self._pool.release(conn, discard=True)
+        raise error from e
+
+
+def stopped_statement_error(record: Record) -> StatementTimeout:
+    """What the holder of ``record`` gets when the watchdog stopped its statement."""
+    pool = cast(Pool, record.pool)
+    return StatementTimeout(
+        f"a statement ran longer than command_timeout ({pool.config.command_timeout} s) "
+        "and was stopped", node=pool.name, state=pool._state(),
+        running_s=_monotonic() - record.stmt_since,
+    )
 
 
 StackRef = tuple[tuple[types.CodeType, int], ...]
