@@ -85,7 +85,7 @@ from sqlalchemy.util import await_
 from sqlalchemy.util.concurrency import in_greenlet
 
 from .pool import Pool, PoolConfig, PooledConnection
-from .pool.core import stopped_statement_error
+from .pool._checkout import stopped_statement_error
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection

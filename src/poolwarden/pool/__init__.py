@@ -1,9 +1,10 @@
 """The pool core: one fair pool of asyncpg connections per database node."""
 
+from ._checkout import Checkout
 from ._driver import PooledConnection
 from ._record import CloseReason, ConnState
 from .config import PoolConfig, ResetPolicy
-from .core import Checkout, Pool
+from .core import Pool
 from .stats import PoolStats
 
 __all__ = [

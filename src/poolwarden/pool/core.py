@@ -17,14 +17,11 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import sys
 import time
-import traceback
-import types
 import weakref
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
 from .._secrets import dsn_target
@@ -38,14 +35,15 @@ from ..errors import (
     PoolExhausted,
     PoolState,
     PoolTimeout,
-    StatementTimeout,
 )
 from ..events import EventBus
 from ..protect.admission import Admission
 from ..protect.breaker import BreakerState, CircuitBreaker, Transition
 from ..protect.limiter import AdaptiveLimit
 from . import _driver
+from ._checkout import Checkout
 from ._driver import PooledConnection
+from ._leaks import caller_stack, format_stack, task_on
 from ._observed import ObservedConnection, QueryObserver
 from ._policy import Backoff, lifetime_deadline
 from ._record import CloseReason, ConnState, Record
@@ -249,7 +247,7 @@ class Pool:
                 # Still held after the drain timeout: cut it off; a late release is ignored.
                 self.events.emit(ev.HeldAtClose(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=_format_stack(record.stack, record.holder),
+                    stack=format_stack(record.stack, record.holder),
                 ))
                 record.conn.terminate()
                 self._retire(record, CloseReason.POOL_CLOSED)
@@ -463,8 +461,8 @@ class Pool:
         caller is), the acquiring stack — ``async with pool.connection()`` needs none, the
         holder's own stack shows the block while it is held; and the per-acquire event."""
         if self._leak_threshold is not None:
-            record.holder = _task_on(self._loop)
-            record.stack = _caller_stack(user_depth) if user_depth else None
+            record.holder = task_on(self._loop)
+            record.stack = caller_stack(user_depth, _OURS) if user_depth else None
             record.leak_reported = False
         if self.events.active:
             self.events.emit(ev.Acquired(node=self.name, wait_s=wait_s))
@@ -917,7 +915,7 @@ class Pool:
             if action == "cancel":
                 # asyncpg's own CancelRequest (a new connection, bounded by command_timeout;
                 # if it fails, asyncpg terminates the connection)
-                conn._cancel_current_command(asyncio.get_running_loop().create_future())
+                conn._cancel_current_command(self._loop.create_future())
             else:
                 conn.terminate()
 
@@ -933,7 +931,7 @@ class Pool:
                 self._leaks += 1
                 self.events.emit(ev.LeakSuspected(
                     node=self.name, pid=_pid(record), held_s=now - record.acquired_at,
-                    stack=_format_stack(record.stack, record.holder),
+                    stack=format_stack(record.stack, record.holder),
                 ))
 
     def _connection_failed(self, exc: BaseException) -> ConnectionFailed:
@@ -1004,130 +1002,12 @@ class Pool:
         return f"<Pool {self.name!r} {status} {self._state()}>"
 
 
-class Checkout:
-    """The async context manager returned by :meth:`Pool.connection`."""
-
-    __slots__ = ("_conn", "_deadline", "_pool", "_reset", "_timeout")
-
-    def __init__(
-        self, pool: Pool, timeout: float | None, deadline: float | None, reset: bool
-    ) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._deadline = deadline
-        self._reset = reset
-        self._conn: PooledConnection | None = None
-
-    def __aenter__(self) -> Coroutine[Any, Any, PooledConnection]:
-        # the acquiring coroutine itself, which stores the connection here: no frame of ours
-        return self._pool._acquire(self._timeout, self._deadline, self)
-
-    def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> Awaitable[None]:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return self._pool._released()
-        if e is None:  # (no coroutine of ours on the way out either)
-            return self._pool._give_back(conn, self._reset, False)
-        return self._exit_with(conn, e)
-
-    async def _exit_with(self, conn: PooledConnection, e: BaseException) -> None:
-        """The block raised ``e``: release (or discard) the connection, and say what
-        happened with a typed error where a statement ran out of time."""
-        record = conn._pw_record
-        if record is not None and record.timed_out:
-            await self._stopped(conn, record, e)
-        if _driver.is_connection_lost(e):
-            record = self._pool._checked_out(conn)
-            if record is not None:
-                self._pool._connection_lost(record)
-            return
-        held = _monotonic() - record.acquired_at if record is not None else 0.0
-        await self._pool.release(conn, reset=self._reset)
-        if _driver.is_timeout(e):
-            at = current_deadline()
-            if at is not None and _monotonic() >= at:
-                pool = self._pool
-                raise DeadlineExceeded(
-                    "deadline passed while a statement ran (it was cancelled)",
-                    node=pool.name, state=pool._state(), waited_s=held,
-                ) from e
-
-    async def _stopped(self, conn: PooledConnection, record: Record, e: BaseException) -> None:
-        """The watchdog stopped a statement of this block: say so with a typed error."""
-        error = stopped_statement_error(record)
-        if record.state is _IN_USE:
-            await self._pool.release(conn, discard=True)
-        raise error from e
-
-
-def stopped_statement_error(record: Record) -> StatementTimeout:
-    """What the holder of ``record`` gets when the watchdog stopped its statement."""
-    pool = cast(Pool, record.pool)
-    return StatementTimeout(
-        f"a statement ran longer than command_timeout ({pool.config.command_timeout} s) "
-        "and was stopped", node=pool.name, state=pool._state(),
-        running_s=_monotonic() - record.stmt_since,
-    )
-
-
-StackRef = tuple[tuple[types.CodeType, int], ...]
-
-
-def _caller_stack(depth: int) -> StackRef:
-    """Where the caller acquired: (code, instruction offset) of the first two frames
-    outside this module, innermost first, starting ``depth`` frames above the caller (so
-    that the pool's own frames are skipped without being materialised). No frame objects
-    are kept (they would keep the caller's locals alive) and no line numbers computed (a
-    line-table search each): the text is made only if a leak is reported. ~0.25 µs."""
-    frame = sys._getframe(depth + 1)
-    while frame.f_globals is _OURS:
-        back = frame.f_back
-        if back is None:
-            return ()
-        frame = back
-    first = (frame.f_code, frame.f_lasti)
-    back = frame.f_back
-    return (first,) if back is None else (first, (back.f_code, back.f_lasti))
-
-
-_OURS = globals()
+_OURS = globals()  # the pool's own frames, skipped in an acquiring stack
 # frames from Pool._watch up to the caller of acquire(): _watch, (_served,) _acquire
 _USER_FROM_IDLE = 2
 _USER_FROM_WAIT = 3
 
-# The task running on a loop: asyncio.current_task(loop), which before 3.12 is pure Python
-# around a dict lookup; the lookup itself is not.
-_task_on: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
-    asyncio.tasks._current_tasks.get if sys.version_info < (3, 12)  # type: ignore[attr-defined]
-    else asyncio.current_task)
 _NO_LOOP: Any = None  # Pool._loop until open()
-
-
-
-def _line_of(code: types.CodeType, offset: int) -> int:
-    for start, end, line in code.co_lines():
-        if start <= offset < end and line is not None:
-            return line
-    return code.co_firstlineno
-
-
-def _format_stack(stack: StackRef | None, holder: asyncio.Task[Any] | None) -> str | None:
-    """The acquiring stack (for :meth:`Pool.acquire`) and, while the holding task runs,
-    where it is now (for ``async with pool.connection()``: inside that block)."""
-    text = ""
-    if stack:
-        summary = traceback.StackSummary.from_list([
-            traceback.FrameSummary(code.co_filename, _line_of(code, offset), code.co_name)
-            for code, offset in reversed(stack)
-        ])
-        text = "acquired at:\n" + "".join(summary.format())
-    if holder is not None and not holder.done():
-        now_at = traceback.StackSummary.extract(
-            (frame, frame.f_lineno) for frame in holder.get_stack(limit=8))
-        text += f"held by task {holder.get_name()!r}, now at:\n" + "".join(now_at.format())
-    return text or None
 
 
 def _pid(record: Record) -> int | None:
