@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from poolwarden import Pool, PoolConfig
 from poolwarden.embedded import EmbeddedPostgres
+from poolwarden.sqlalchemy import create_async_engine_on
 
 
 def config_for(server: EmbeddedPostgres | str, **overrides: Any) -> PoolConfig:
@@ -73,3 +75,13 @@ async def assert_clean(conn: asyncpg.Connection) -> None:
     """The connection is usable and carries no transaction from a previous user."""
     assert not conn.is_in_transaction()
     assert await conn.fetchval("SELECT pg_current_xact_id_if_assigned() IS NULL")
+
+
+@asynccontextmanager
+async def engine_on(pool: Pool) -> AsyncIterator[AsyncEngine]:
+    """A SQLAlchemy ``AsyncEngine`` on ``pool``, disposed of afterwards (the pool stays open)."""
+    engine = create_async_engine_on(pool)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -16,9 +16,8 @@ import asyncpg
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, func, insert, select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pool_helpers import config_for, open_pool
+from pool_helpers import config_for, engine_on, open_pool
 from poolwarden import ConnectionFailed, Pool
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.events import Event, EventBus, SlowQuery
@@ -30,7 +29,7 @@ from poolwarden.pool._observed import (
     tap_queries,
 )
 from poolwarden.pool.histogram import Histogram
-from poolwarden.sqlalchemy import create_async_engine_on, session_factory, session_scope
+from poolwarden.sqlalchemy import session_factory, session_scope
 
 SECRET = "s3cr3t-token-4242"  # a parameter value that must never be logged by default
 SLOW = "SELECT pg_sleep(0.2), $1::text"
@@ -49,15 +48,6 @@ def everything_in(record: logging.LogRecord) -> str:
     """A record's message, arguments and every attribute (the structured extras), as text."""
     return " ".join([record.getMessage(), repr(record.args),
                      *(repr(value) for value in vars(record).values())])
-
-
-@asynccontextmanager
-async def engine_on(pool: Pool) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine_on(pool)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @contextmanager

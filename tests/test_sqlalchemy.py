@@ -5,7 +5,6 @@ handed on, the raw path shares the core, and the sync engine carries the same se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, exc, select, te
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pool_helpers import open_pool, terminate
+from pool_helpers import engine_on, open_pool, terminate
 from poolwarden import Pool, PoolExhausted, PoolTimeout
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.pool import PoolConfig
@@ -23,15 +22,6 @@ from poolwarden.sqlalchemy import (
     session_factory,
     session_scope,
 )
-
-
-@contextlib.asynccontextmanager
-async def engine_on(core: Pool) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine_on(core)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

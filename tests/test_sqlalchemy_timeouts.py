@@ -9,31 +9,19 @@ handed on, nothing left running on the server, and the engine usable afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pool_helpers import open_pool, server_sessions
-from poolwarden import Pool, StatementTimeout, deadline
+from pool_helpers import engine_on, open_pool, server_sessions
+from poolwarden import StatementTimeout, deadline
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.events import Event, StatementStopped
-from poolwarden.sqlalchemy import create_async_engine_on, session_factory, session_scope
+from poolwarden.sqlalchemy import session_factory, session_scope
 from poolwarden.testing.proxy import FaultProxy
-
-
-@contextlib.asynccontextmanager
-async def engine_on(core: Pool) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine_on(core)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 def _stopped(events: list[Event]) -> list[str]:
@@ -178,3 +166,4 @@ async def test_a_deadline_cuts_a_sqlalchemy_statement_exactly(pg: EmbeddedPostgr
                 await conn.execute(text("SELECT pg_sleep(30)"))
         assert time.monotonic() - started < 3
         assert _stopped(events) == []
+

@@ -168,7 +168,8 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
                     error = exc.__cause__
                 # asyncpg's paramstyle is positional: parameters are a sequence
                 observer.observe(statement, parameters or (), _monotonic() - start, error)
-            _raise_if_stopped(conn, exc)
+            if isinstance(exc, Exception):
+                _raise_if_stopped(conn, exc)
             raise
         finally:
             if watched is not None:
@@ -177,46 +178,45 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
             observer.observe(statement, parameters or (), _monotonic() - start, None)
 
     def do_commit(self, dbapi_connection: Any) -> None:
-        conn = dbapi_connection._connection
-        watched: StatementSection | None = getattr(conn, "_pw_watched", None)
-        if watched is None:
-            super().do_commit(dbapi_connection)  # type: ignore[no-untyped-call]
-            return
-        record = conn._pw_record
-        if record is not None and record.timed_out:  # nothing of it can be committed
-            raise stopped_statement_error(record)
-        watched.watch_outside()
-        try:
-            super().do_commit(dbapi_connection)  # type: ignore[no-untyped-call]
-        except BaseException as exc:
-            _raise_if_stopped(conn, exc)
-            raise
-        finally:
-            watched.unwatch_outside()
+        self._end_transaction(super().do_commit, dbapi_connection, commit=True)
 
     def do_rollback(self, dbapi_connection: Any) -> None:
+        self._end_transaction(super().do_rollback, dbapi_connection, commit=False)
+
+    @staticmethod
+    def _end_transaction(end: Callable[[Any], None], dbapi_connection: Any, *,
+                         commit: bool) -> None:
+        """``COMMIT`` or ``ROLLBACK`` (``end``) under the core's statement watchdog. After
+        the watchdog stopped a statement of this checkout, the core closes the connection
+        at release and its transaction ends with it: a commit raises StatementTimeout
+        (nothing of it can be committed); a rollback that fails there (a dead or
+        still-cancelling connection) is skipped, the caller having been told already."""
         conn = dbapi_connection._connection
         watched: StatementSection | None = getattr(conn, "_pw_watched", None)
         if watched is None:
-            super().do_rollback(dbapi_connection)  # type: ignore[no-untyped-call]
+            end(dbapi_connection)
             return
+        if commit:
+            _raise_if_stopped(conn, None)
         watched.watch_outside()
         try:
-            super().do_rollback(dbapi_connection)  # type: ignore[no-untyped-call]
-        except Exception:
+            end(dbapi_connection)
+        except Exception as exc:
+            if commit:
+                _raise_if_stopped(conn, exc)
+                raise
             record = conn._pw_record
             if record is None or not record.timed_out:
                 raise
-            # The watchdog stopped a statement of this checkout, so the core closes the
-            # connection at release: its transaction ends with it (what failed here was a
-            # dead or still-cancelling connection; the caller was already told).
         finally:
             watched.unwatch_outside()
 
 
-def _raise_if_stopped(conn: PooledConnection, exc: BaseException) -> None:
-    """``exc`` came out of a statement the core's watchdog stopped: raise what the raw path
-    raises then, :class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``)."""
+def _raise_if_stopped(conn: PooledConnection, exc: Exception | None) -> None:
+    """The core's watchdog stopped a statement of this checkout (``exc``: what came out of
+    it, if anything): raise what the raw path raises then,
+    :class:`~poolwarden.errors.StatementTimeout` (a ``TimeoutError``). Never for a
+    cancellation: that goes on as it is."""
     record = conn._pw_record
     if record is not None and record.timed_out:
         raise stopped_statement_error(record) from exc

@@ -115,10 +115,7 @@ async def open_connection(
     section = install_section(conn) if watched or observed else None
     if observed and section is None:
         _warn_untimed()
-    watched_by = section if watched and config.command_timeout else None
-    if not bind_deadline(conn, watched=watched_by):
-        watched_by = None
-    conn._pw_watched = watched_by
+    conn._pw_watched = bind_deadline(conn, watched=section if watched else None)
     try:
         if config.init is not None:
             async with asyncio.timeout(config.command_timeout):
@@ -214,11 +211,13 @@ def install_section(conn: PooledConnection) -> StatementSection | None:
     return section
 
 
-def bind_deadline(conn: asyncpg.Connection, *, watched: StatementSection | None = None) -> bool:
+def bind_deadline(
+    conn: asyncpg.Connection, *, watched: StatementSection | None = None
+) -> StatementSection | None:
     """Make every statement on ``conn`` time out at the caller's deadline (if earlier than
     ``command_timeout``); a statement started after the deadline fails before anything is
-    sent. Returns ``False`` when this asyncpg does not look as expected (then statements
-    are bounded by ``command_timeout`` alone).
+    sent. When this asyncpg does not look as expected nothing is changed (statements are
+    bounded by ``command_timeout`` alone).
 
     How: asyncpg reads ``conn._config.command_timeout`` for every statement sent without an
     explicit ``timeout=``; we swap that namedtuple for a subclass whose ``command_timeout``
@@ -227,13 +226,14 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: StatementSection | None 
     ``watched``: the connection's statement section when the pool's statement watchdog
     enforces ``command_timeout`` for statements inside it (see :mod:`._watchdog`): those
     get no timer of their own unless a deadline is set; every other statement keeps
-    asyncpg's timer.
+    asyncpg's timer. Returns the section if it is now watched (``None``: not watched, as
+    when there is no ``command_timeout`` or this asyncpg is not the one we know).
     """
     config = conn._config
     base = type(config)
     fields = getattr(base, "_fields", ())
     if not isinstance(config, tuple) or "command_timeout" not in fields:
-        return False
+        return None
     section = watched if getattr(config, "command_timeout", None) else None
     cls = _DEADLINE_CONFIGS.get(base)
     if cls is None:
@@ -262,7 +262,7 @@ def bind_deadline(conn: asyncpg.Connection, *, watched: StatementSection | None 
     bound: Any = cls(*config)
     bound._pw_section = section
     conn._config = bound
-    return True
+    return section
 
 
 async def server_started_at(conn: PooledConnection, timeout: float) -> float:
