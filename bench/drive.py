@@ -46,6 +46,21 @@ class Samples:
     first_error: str | None = None
     cpu_s: float | None = None  # this process's CPU time inside the window (all tasks)
 
+    def add(self, other: Samples) -> None:
+        """Take in another window of the same system (its window adds to this one's)."""
+        self.window_s += other.window_s
+        self.total_ns.extend(other.total_ns)
+        self.wait_ns.extend(other.wait_ns)
+        self.shed_ns.extend(other.shed_ns)
+        self.timeouts += other.timeouts
+        self.refusals += other.refusals
+        self.late_acquires += other.late_acquires
+        self.late_finishes += other.late_finishes
+        self.errors += other.errors
+        self.first_error = self.first_error or other.first_error
+        if other.cpu_s is not None:
+            self.cpu_s = (self.cpu_s or 0.0) + other.cpu_s
+
 
 async def closed_loop(
     ops: Sequence[Op],

@@ -15,7 +15,14 @@ from typing import Any
 
 from .limits import PGBENCH_SCRIPTS, Pgbench
 from .systems import System
-from .workloads import Point, Timing, measure_owned, measure_owned_sqlalchemy, measure_system
+from .workloads import (
+    Point,
+    Timing,
+    measure_owned,
+    measure_owned_sqlalchemy,
+    measure_paired,
+    measure_system,
+)
 
 # Workload c: 10 callers fill pool 10; 100 and 500 callers are 10x and 50x overload.
 OVERLOAD_CALLERS = (100, 500)
@@ -75,11 +82,16 @@ QUICK = Profile(
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One participant at one point; ``run()`` measures it once and returns its figures."""
+    """One measurement at one point: ``run()`` measures its participants once (one, or the
+    pair of workload d) and returns their figures by participant."""
 
     point: Point
-    participant: str
-    run: Callable[[], dict[str, Any]]
+    participants: tuple[str, ...]
+    run: Callable[[], dict[str, dict[str, Any]]]
+
+
+def _single(point: Point, participant: str, run: Callable[[], dict[str, Any]]) -> Task:
+    return Task(point, (participant,), lambda: {participant: run()})
 
 
 def b_points(profile: Profile) -> list[Point]:
@@ -104,17 +116,25 @@ def one_round(
 
     def pools_at(point: Point) -> None:
         tasks.extend(
-            Task(point, system.key, partial(measure_system, system, point, dsn, timing))
+            _single(point, system.key, partial(measure_system, system, point, dsn, timing))
             for system in in_order
             if point.workload in system.workloads
         )
 
+    def paired_at(point: Point) -> None:
+        pair = [system for system in in_order if point.workload in system.workloads]
+        if pair:
+            tasks.append(Task(point, tuple(s.key for s in pair),
+                              partial(measure_paired, pair, point, dsn, timing)))
+
     def owned(point: Point, name: str) -> None:
-        tasks.append(Task(point, name, partial(measure_owned, point, dsn, timing)))
+        tasks.append(_single(point, name, partial(measure_owned, point, dsn, timing)))
 
     def owned_sqlalchemy(point: Point, name: str) -> None:
         if any(system.key == "sqlalchemy" for system in systems):  # compared with it only
-            tasks.append(Task(point, name, partial(measure_owned_sqlalchemy, point, dsn, timing)))
+            tasks.append(
+                _single(point, name, partial(measure_owned_sqlalchemy, point, dsn, timing))
+            )
 
     for c in HOLD_CONCURRENCIES:
         pools_at(Point("a", c, HOLD_POOL))
@@ -131,10 +151,10 @@ def one_round(
     for callers in OVERLOAD_CALLERS:
         pools_at(Point("c", callers, OVERLOAD_POOL))
     for c in OBSERVABILITY_CONCURRENCIES:
-        pools_at(Point("d", c, HOLD_POOL))
+        paired_at(Point("d", c, HOLD_POOL))
     if pgbench is not None:
         tasks.extend(
-            Task(
+            _single(
                 Point("pgbench", clients, 0),
                 script.key,
                 partial(pgbench.run, script, clients, timing.pgbench_s),

@@ -135,15 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                 for task in one_round(profile, systems, tgt.dsn, pgbench, round_no):
                     done += 1
                     try:
-                        figures = task.run()
+                        by_participant = task.run()
                     except Exception as exc:  # report the failure, go on
-                        figures = {"error": f"{type(exc).__name__}: {exc}"}
-                    results.add(round_no, task.point, task.participant, figures)
-                    print(
-                        f"[{done}/{total}] {task.point.key:<16} {task.participant:<18} "
-                        f"{_brief(figures)}",
-                        flush=True,
-                    )
+                        failed = {"error": f"{type(exc).__name__}: {exc}"}
+                        by_participant = dict.fromkeys(task.participants, failed)
+                    for participant, figures in by_participant.items():
+                        results.add(round_no, task.point, participant, figures)
+                        print(
+                            f"[{done}/{total}] {task.point.key:<16} {participant:<18} "
+                            f"{_brief(figures)}",
+                            flush=True,
+                        )
         finally:
             if pgbench is not None:
                 pgbench.cleanup()

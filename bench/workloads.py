@@ -1,13 +1,21 @@
-"""The workloads (a, b, c), the points they are measured at, and one measurement.
+"""The workloads (a, b, c, d), the points they are measured at, and one measurement.
 
 A measurement is one system at one point for one repetition, in a fresh event loop with a
 freshly opened pool: open, warm up, record for a fixed window, close.
+
+Workload d compares two configurations of the same pool whose difference (~2 %) is smaller
+than what a shared machine's speed drifts between two 1.5 s windows. So its participants
+are measured *paired*: all open in one event loop, each warmed up, then the window is cut
+into :data:`PAIRED_SLICES` slices taken in turn (A B, B A, A B, ...), each after a short
+warm-up of its own; a participant's figures are its slices added up. A drift then hits both
+alike, as interleaving does for the other workloads at the scale of a round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -114,6 +122,44 @@ def measure_system(system: System, point: Point, dsn: str, timing: Timing) -> di
     gc.collect()
     samples = asyncio.run(_measure_system(system, point, dsn, timing))
     return metrics(samples, overload=point.workload == "c")
+
+
+PAIRED_SLICES = 12  # workload d: slices of the window per participant
+SLICE_WARMUP_S = 0.1  # before each slice: the C tasks start and reach a steady state
+
+
+async def _measure_paired(
+    systems: Sequence[System], point: Point, dsn: str, timing: Timing
+) -> dict[str, Samples]:
+    spec = PoolSpec(point.pool_size, NO_BUDGET_S)
+    clients: dict[str, Any] = {}
+    try:
+        for system in systems:
+            clients[system.key] = await system.open(dsn, spec)
+        merged = {key: Samples(window_s=0.0) for key in clients}
+        order = list(clients)
+        for key in order:  # the warm-up, discarded
+            await closed_loop([clients[key].select1] * point.concurrency,
+                              warmup_s=timing.warmup_s, duration_s=0.0)
+        for i in range(PAIRED_SLICES):
+            for key in order if i % 2 == 0 else reversed(order):
+                merged[key].add(await closed_loop(
+                    [clients[key].select1] * point.concurrency,
+                    warmup_s=SLICE_WARMUP_S, duration_s=timing.duration_s / PAIRED_SLICES,
+                ))
+        return merged
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+def measure_paired(
+    systems: Sequence[System], point: Point, dsn: str, timing: Timing
+) -> dict[str, dict[str, Any]]:
+    """One paired measurement of ``systems`` (workload d), each running ``SELECT 1``."""
+    gc.collect()
+    samples = asyncio.run(_measure_paired(systems, point, dsn, timing))
+    return {key: metrics(s) for key, s in samples.items()}
 
 
 def measure_owned(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
