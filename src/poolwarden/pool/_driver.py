@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from bisect import bisect_left as _bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -195,7 +196,13 @@ class StatementSection:
         observer = self._conn._pw_observer
         if observer is not None:
             elapsed = _monotonic() - self.started
-            if observer.timed(elapsed):  # slow, or tapped: the statement itself is wanted
+            # QueryObserver.timed and Histogram.observe written out: two calls less on every
+            # statement (~50 ns of the ~230 that timing costs)
+            histogram = observer.histogram
+            histogram.bucket_counts[_bisect_left(histogram.bounds_s, elapsed)] += 1
+            histogram.sum_s += elapsed
+            if elapsed > observer.report_above_s or observer.taps:
+                # slow, or tapped: the statement itself is wanted
                 found = sys._getframe(1).f_locals  # asyncpg's _execute / _executemany
                 args = found.get("args", ())
                 observer.report(str(found.get("query", "?")),

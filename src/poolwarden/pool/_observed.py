@@ -145,8 +145,8 @@ class QueryObserver:
     off by default because parameters hold personal data and secrets.
     """
 
-    __slots__ = ("_record", "_slow_s", "_taps", "events", "log_params", "max_statement_chars",
-                 "node", "slow_threshold_s")
+    __slots__ = ("_record", "events", "histogram", "log_params", "max_statement_chars", "node",
+                 "report_above_s", "slow_threshold_s", "taps")
 
     def __init__(
         self,
@@ -165,9 +165,11 @@ class QueryObserver:
         self.slow_threshold_s = slow_threshold_s
         self.log_params = log_params
         self.max_statement_chars = max_statement_chars
+        self.histogram = histogram
         self._record = histogram.observe  # bound once: one lookup less per statement
-        self._slow_s = math.inf if slow_threshold_s is None else slow_threshold_s
-        self._taps = _taps_for(events)
+        # (read by the statement section, which writes timed() out)
+        self.report_above_s = math.inf if slow_threshold_s is None else slow_threshold_s
+        self.taps = _taps_for(events)
 
     def observe(
         self, statement: str, args: Sequence[Any], elapsed_s: float, error: BaseException | None
@@ -184,15 +186,15 @@ class QueryObserver:
         asked: count the duration; ``True`` when :meth:`report` wants the statement (it was
         slow, or a tap listens)."""
         self._record(elapsed_s)
-        return elapsed_s > self._slow_s or bool(self._taps)
+        return elapsed_s > self.report_above_s or bool(self.taps)
 
     def report(
         self, statement: str, args: Sequence[Any], elapsed_s: float, error: BaseException | None
     ) -> None:
         """The second half of :meth:`observe`: the slow-query log and the taps."""
-        if elapsed_s > self._slow_s:
+        if elapsed_s > self.report_above_s:
             self._report_slow(statement, args, elapsed_s, error)
-        if self._taps:
+        if self.taps:
             self._call_taps(statement, elapsed_s, error)
 
     def _report_slow(
@@ -212,17 +214,17 @@ class QueryObserver:
             )
 
     def _call_taps(self, statement: str, elapsed_s: float, error: BaseException | None) -> None:
-        for tap in self._taps:
+        for tap in self.taps:
             try:
                 tap(statement, elapsed_s, error)
             except Exception:
-                if id(tap) not in self._taps.broken:
-                    self._taps.broken.add(id(tap))
+                if id(tap) not in self.taps.broken:
+                    self.taps.broken.add(id(tap))
                     logger.exception("query tap %r raised; later errors are not logged", tap)
 
     def __repr__(self) -> str:
         return (f"<QueryObserver node={self.node!r} slow_threshold_s={self.slow_threshold_s} "
-                f"log_params={self.log_params} taps={len(self._taps)}>")
+                f"log_params={self.log_params} taps={len(self.taps)}>")
 
 
 _execute = PooledConnection.execute  # the undecorated method, looked up once

@@ -319,7 +319,7 @@ class Pool:
         """
         return self._acquire(timeout, deadline, None)
 
-    async def _acquire(  # noqa: PLR0912 - the hot path, written out on purpose
+    async def _acquire(  # noqa: PLR0912, PLR0915 - the hot path, written out on purpose
         self, timeout: float | None, deadline: float | None, block: Checkout | None
     ) -> PooledConnection:
         """:meth:`acquire`; for ``async with pool.connection()`` (``block``), the connection
@@ -356,29 +356,37 @@ class Pool:
             record.acquired_at = now
             record.inflight = self._n_in_use
             self._h_wait.observe_zero()
-            if self._leak_threshold is not None or self.events.active:
-                self._watch(record, 0.0, 0 if block else _USER_FROM_IDLE)
-            if block is not None:
-                block._conn = record.conn
-            return record.conn
-        # The wait, written out here rather than in a coroutine of its own: one frame less
-        # on the path that every caller of a busy pool takes.
-        probe = breaker is not None and breaker.state is not _CLOSED  # (half-open)
-        try:
-            waiter = self._enqueue(now, timeout, deadline)
+            waited = 0.0
+            break
+        else:
+            # The wait, written out here rather than in a coroutine of its own: one frame
+            # less on the path that every caller of a busy pool takes.
+            probe = breaker is not None and breaker.state is not _CLOSED  # (half-open)
             try:
-                record = await waiter.future
-            except asyncio.CancelledError:
-                self._abandon(waiter)
+                waiter = self._enqueue(now, timeout, deadline)
+                try:
+                    record = await waiter.future
+                except asyncio.CancelledError:
+                    self._abandon(waiter)
+                    raise
+            except BaseException:
+                if probe and breaker is not None:  # a probe that never got one frees its slot
+                    breaker.record_abandoned(_monotonic())
                 raise
-        except BaseException:
-            if probe and breaker is not None:  # a probe that never got one frees its slot
-                breaker.record_abandoned(_monotonic())
-            raise
-        conn = self._served(record, now, 0 if block else _USER_FROM_WAIT)
+            waited = self._served(record, now)
+        # Bookkeeping that is off unless asked for, written out (no call) for leak detection
+        # on the hot path: the holding task and, for acquire(), the acquiring stack.
+        # `async with pool.connection()` needs no stack: the holder's own stack shows the
+        # block while it is held.
+        if self._leak_threshold is not None:
+            record.holder = task_on(self._loop)
+            record.stack = None if block is not None else caller_stack(0, _OURS)
+            record.leak_reported = False
+        if self.events.active:
+            self.events.emit(ev.Acquired(node=self.name, wait_s=waited))
         if block is not None:
-            block._conn = conn
-        return conn
+            block._conn = record.conn
+        return record.conn
 
     def _deadline_for(
         self, deadline: float | None, at: float | None, now: float
@@ -439,8 +447,8 @@ class Pool:
             self._forget(waiter)
         self._cancelled += 1
 
-    def _served(self, record: Record, since: float, user_depth: int) -> PooledConnection:
-        """The wait's second half: a waiter got ``record``."""
+    def _served(self, record: Record, since: float) -> float:
+        """The wait's second half: a waiter got ``record``; returns how long it waited."""
         done = _monotonic()
         waited = done - since
         self._acquires += 1
@@ -451,21 +459,7 @@ class Pool:
             self._admission.on_served(waited, done)
         record.acquired_at = done
         record.inflight = self._n_in_use
-        if self._leak_threshold is not None or self.events.active:
-            self._watch(record, waited, user_depth)
-        return record.conn
-
-    def _watch(self, record: Record, wait_s: float, user_depth: int) -> None:
-        """Acquire-time bookkeeping that is off unless asked for: for leak reports, the
-        holding task and, for :meth:`acquire` (``user_depth``: how many frames up its
-        caller is), the acquiring stack — ``async with pool.connection()`` needs none, the
-        holder's own stack shows the block while it is held; and the per-acquire event."""
-        if self._leak_threshold is not None:
-            record.holder = task_on(self._loop)
-            record.stack = caller_stack(user_depth, _OURS) if user_depth else None
-            record.leak_reported = False
-        if self.events.active:
-            self.events.emit(ev.Acquired(node=self.name, wait_s=wait_s))
+        return waited
 
     def _shed_now(self, waiting: int, retry_after: float, expected: float) -> PoolExhausted:
         """Refuse a caller at once under overload (admission said no)."""
@@ -1003,9 +997,6 @@ class Pool:
 
 
 _OURS = globals()  # the pool's own frames, skipped in an acquiring stack
-# frames from Pool._watch up to the caller of acquire(): _watch, (_served,) _acquire
-_USER_FROM_IDLE = 2
-_USER_FROM_WAIT = 3
 
 _NO_LOOP: Any = None  # Pool._loop until open()
 

@@ -59,34 +59,36 @@ class HistogramSnapshot:
 class Histogram:
     """A mutable cumulative histogram of durations in seconds."""
 
-    __slots__ = ("_counts", "bounds_s", "sum_s")
+    __slots__ = ("bounds_s", "bucket_counts", "sum_s")
 
     def __init__(self, bounds_s: Sequence[float] = DURATION_BOUNDS_S) -> None:
         bounds = tuple(float(b) for b in bounds_s)
         if not bounds or any(b <= a for a, b in itertools.pairwise(bounds)):
             raise ValueError("histogram bounds must be non-empty and strictly increasing")
         self.bounds_s = bounds
-        self._counts = [0] * (len(bounds) + 1)
+        # per-bucket counts (not cumulative); only observe() and the statement section
+        # (which writes observe() out) add to them
+        self.bucket_counts = [0] * (len(bounds) + 1)
         self.sum_s = 0.0
 
     def observe(self, seconds: float) -> None:
-        self._counts[bisect_left(self.bounds_s, seconds)] += 1
+        self.bucket_counts[bisect_left(self.bounds_s, seconds)] += 1
         self.sum_s += seconds
 
     def observe_zero(self) -> None:
         """Record an observation of 0 s (an acquire that did not wait) without a search."""
-        self._counts[0] += 1
+        self.bucket_counts[0] += 1
 
     @property
     def counts(self) -> tuple[int, ...]:
-        return tuple(self._counts)
+        return tuple(self.bucket_counts)
 
     @property
     def count(self) -> int:
-        return sum(self._counts)
+        return sum(self.bucket_counts)
 
     def snapshot(self) -> HistogramSnapshot:
-        return HistogramSnapshot(self.bounds_s, tuple(self._counts), self.sum_s)
+        return HistogramSnapshot(self.bounds_s, tuple(self.bucket_counts), self.sum_s)
 
     def __repr__(self) -> str:
         return f"<Histogram n={self.count} sum={self.sum_s:.6g}s>"
