@@ -196,8 +196,8 @@ class StatementSection:
         observer = self._conn._pw_observer
         if observer is not None:
             elapsed = _monotonic() - self.started
-            # QueryObserver.timed and Histogram.observe written out: two calls less on every
-            # statement (~50 ns of the ~230 that timing costs)
+            # QueryObserver.observe and Histogram.observe written out: two calls less on
+            # every statement (~50 ns of the ~230 that timing costs)
             histogram = observer.histogram
             histogram.bucket_counts[_bisect_left(histogram.bounds_s, elapsed)] += 1
             histogram.sum_s += elapsed

@@ -145,7 +145,7 @@ class QueryObserver:
     off by default because parameters hold personal data and secrets.
     """
 
-    __slots__ = ("_record", "events", "histogram", "log_params", "max_statement_chars", "node",
+    __slots__ = ("events", "histogram", "log_params", "max_statement_chars", "node",
                  "report_above_s", "slow_threshold_s", "taps")
 
     def __init__(
@@ -166,8 +166,7 @@ class QueryObserver:
         self.log_params = log_params
         self.max_statement_chars = max_statement_chars
         self.histogram = histogram
-        self._record = histogram.observe  # bound once: one lookup less per statement
-        # (read by the statement section, which writes timed() out)
+        # statements slower than this are reported (inf: none)
         self.report_above_s = math.inf if slow_threshold_s is None else slow_threshold_s
         self.taps = _taps_for(events)
 
@@ -177,21 +176,17 @@ class QueryObserver:
         """Record one statement that took ``elapsed_s`` seconds (``error``: what it raised).
 
         Never raises: it runs on the caller's statement path, also while an exception of
-        the statement is propagating."""
-        if self.timed(elapsed_s):
+        the statement is propagating. (The statement section writes this method out, see
+        :class:`~poolwarden.pool._driver.StatementSection`.)"""
+        self.histogram.observe(elapsed_s)
+        if elapsed_s > self.report_above_s or self.taps:
             self.report(statement, args, elapsed_s, error)
-
-    def timed(self, elapsed_s: float) -> bool:
-        """The first half of :meth:`observe`, for callers that find the statement only when
-        asked: count the duration; ``True`` when :meth:`report` wants the statement (it was
-        slow, or a tap listens)."""
-        self._record(elapsed_s)
-        return elapsed_s > self.report_above_s or bool(self.taps)
 
     def report(
         self, statement: str, args: Sequence[Any], elapsed_s: float, error: BaseException | None
     ) -> None:
-        """The second half of :meth:`observe`: the slow-query log and the taps."""
+        """What :meth:`observe` does for a statement that is slow or tapped: the slow-query
+        log and the taps."""
         if elapsed_s > self.report_above_s:
             self._report_slow(statement, args, elapsed_s, error)
         if self.taps:
