@@ -270,5 +270,7 @@ async def test_a_stopped_database_turns_readiness_off_while_liveness_stays_on(
         fresh_pg.start()
         assert await wait_for(lambda: probes("/health/db", 200), timeout=60)
         assert await probes("/health/live", 200)
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            assert (await client.get("/users")).status_code == 200
+        # Requests succeed again soon after readiness; not necessarily the first one: a
+        # worker's pool may still be in its reconnect backoff or breaker open period
+        # (seen once in CI: one 503 right after readiness came back).
+        assert await wait_for(lambda: probes("/users", 200, n=4), timeout=15)
