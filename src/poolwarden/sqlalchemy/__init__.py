@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
 
 from ..pool import Pool, PoolConfig
 from ._dialect import ASYNC_DRIVERNAME, PoolwardenAsyncpgDialect
+from ._engine import CoreAsyncEngine
 from ._pool import CorePool
 
 __all__ = [
@@ -90,7 +91,8 @@ def create_async_engine_on(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
         echo=engine_kwargs.pop("echo_pool", None),
         logging_name=engine_kwargs.pop("pool_logging_name", None),
     )
-    return create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
+    engine = create_async_engine(_public_url(pool.config.dsn), pool=sa_pool, **engine_kwargs)
+    return CoreAsyncEngine(engine.sync_engine)
 
 
 def session_factory(engine: AsyncEngine, **kwargs: Any) -> async_sessionmaker[AsyncSession]:
