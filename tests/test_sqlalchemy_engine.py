@@ -12,19 +12,31 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Integer, String, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pool_helpers import engine_on, open_pool, server_sessions
 from poolwarden import Pool
 from poolwarden.embedded import EmbeddedPostgres
-from poolwarden.sqlalchemy import _greenlets
+from poolwarden.sqlalchemy import _greenlets, session_factory
 from poolwarden.sqlalchemy._engine import (
     CoreAsyncConnection,
     CoreAsyncEngine,
     CoreAsyncTransaction,
 )
+from poolwarden.sqlalchemy._session import CoreAsyncSession, CoreAsyncSessionTransaction
 from poolwarden.testing.proxy import FaultProxy
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Note(_Base):
+    __tablename__ = "kept_greenlet_notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(String(40))
 
 
 @pytest.fixture
@@ -55,6 +67,59 @@ async def test_connections_transactions_and_option_engines_are_the_cores(
         async with conn.begin_nested() as savepoint:
             assert isinstance(savepoint, CoreAsyncTransaction)
             await conn.execute(text("SELECT 1"))
+
+
+async def test_sessions_do_their_orm_work_on_kept_greenlets(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every overridden call of the session and its transactions, through the ORM: add,
+    flush, get, refresh, merge, scalar(s), a savepoint rolled back inside a committed
+    transaction, delete. What it does is the ORM's; no greenlet is created for it."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_Base.metadata.drop_all)
+        await conn.run_sync(_Base.metadata.create_all)
+    created = 0
+    original = _greenlets._Worker.__init__
+
+    def counting(self: _greenlets._Worker) -> None:
+        nonlocal created
+        created += 1
+        original(self)
+
+    monkeypatch.setattr(_greenlets._Worker, "__init__", counting)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session:
+            assert isinstance(session, CoreAsyncSession)
+            async with session.begin() as transaction:
+                assert isinstance(transaction, CoreAsyncSessionTransaction)
+                session.add(Note(id=1, text="one"))
+                await session.flush()
+                savepoint = await session.begin_nested()
+                assert isinstance(savepoint, CoreAsyncSessionTransaction)
+                session.add(Note(id=2, text="two"))
+                await session.flush()
+                await savepoint.rollback()
+        async with sessions() as session:
+            note = await session.get(Note, 1)
+            assert note is not None
+            assert note.text == "one"
+            await session.execute(text(f"UPDATE {Note.__tablename__} SET text = 'uno'"))
+            await session.refresh(note)
+            assert note.text == "uno"
+            merged = await session.merge(Note(id=3, text="three"))
+            await session.commit()
+            assert merged.id == 3
+            ids = (await session.scalars(select(Note.id).order_by(Note.id))).all()
+            assert ids == [1, 3]  # the savepoint's row rolled back, the rest committed
+            assert await session.scalar(select(Note.text).where(Note.id == 3)) == "three"
+            await session.delete(await session.get_one(Note, 3))
+            await session.commit()
+            assert await session.run_sync(lambda s: s.query(Note).count()) == 1
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(_Base.metadata.drop_all)
+    assert created <= 1
 
 
 async def test_checkouts_create_no_greenlet_per_call(

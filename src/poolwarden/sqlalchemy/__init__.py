@@ -40,6 +40,7 @@ from ..pool import Pool, PoolConfig
 from ._dialect import ASYNC_DRIVERNAME, PoolwardenAsyncpgDialect
 from ._engine import CoreAsyncEngine
 from ._pool import CorePool
+from ._session import CoreAsyncSession
 
 __all__ = [
     "ASYNC_DRIVERNAME",
@@ -97,8 +98,11 @@ def create_async_engine_on(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
 
 def session_factory(engine: AsyncEngine, **kwargs: Any) -> async_sessionmaker[AsyncSession]:
     """An ``async_sessionmaker`` for ``engine`` with ``expire_on_commit=False`` (objects stay
-    usable after the commit, which matters in async code where lazy loads cannot happen)."""
+    usable after the commit, which matters in async code where lazy loads cannot happen),
+    making :class:`~poolwarden.sqlalchemy._session.CoreAsyncSession` sessions (their calls
+    run on kept greenlets) unless ``class_`` says otherwise."""
     kwargs.setdefault("expire_on_commit", False)
+    kwargs.setdefault("class_", CoreAsyncSession)
     return async_sessionmaker(engine, **kwargs)
 
 
