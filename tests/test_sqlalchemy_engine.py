@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import Integer, String, select, text
+from greenlet import getcurrent  # type: ignore[import-untyped]
+from sqlalchemy import Integer, String, event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pool_helpers import engine_on, open_pool, server_sessions
 from poolwarden import Pool
 from poolwarden.embedded import EmbeddedPostgres
-from poolwarden.sqlalchemy import _greenlets, session_factory
+from poolwarden.sqlalchemy import session_factory
 from poolwarden.sqlalchemy._engine import (
     CoreAsyncConnection,
     CoreAsyncEngine,
@@ -43,6 +45,25 @@ class Note(_Base):
 async def core(pg: EmbeddedPostgres) -> AsyncIterator[Pool]:
     async with open_pool(pg, min_size=1, pool_size=2) as pool:
         yield pool
+
+
+class _Greenlets:
+    """The greenlets SQLAlchemy's statements run on, from :meth:`watch` on (kept alive here,
+    so that two of them are never the same object)."""
+
+    def __init__(self) -> None:
+        self.seen: set[Any] = set()
+
+    def watch(self, engine: AsyncEngine) -> None:
+        def seen(*args: Any) -> None:
+            self.seen.add(getcurrent())
+
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+
+
+@pytest.fixture
+def statement_greenlets() -> _Greenlets:
+    return _Greenlets()
 
 
 @pytest.fixture
@@ -70,7 +91,7 @@ async def test_connections_transactions_and_option_engines_are_the_cores(
 
 
 async def test_sessions_do_their_orm_work_on_kept_greenlets(
-    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    engine: AsyncEngine, statement_greenlets: _Greenlets
 ) -> None:
     """Every overridden call of the session and its transactions, through the ORM: add,
     flush, get, refresh, merge, scalar(s), a savepoint rolled back inside a committed
@@ -78,15 +99,7 @@ async def test_sessions_do_their_orm_work_on_kept_greenlets(
     async with engine.begin() as conn:
         await conn.run_sync(_Base.metadata.drop_all)
         await conn.run_sync(_Base.metadata.create_all)
-    created = 0
-    original = _greenlets._Worker.__init__
-
-    def counting(self: _greenlets._Worker) -> None:
-        nonlocal created
-        created += 1
-        original(self)
-
-    monkeypatch.setattr(_greenlets._Worker, "__init__", counting)
+    statement_greenlets.watch(engine)
     sessions = session_factory(engine)
     try:
         async with sessions() as session:
@@ -119,30 +132,23 @@ async def test_sessions_do_their_orm_work_on_kept_greenlets(
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(_Base.metadata.drop_all)
-    assert created <= 1
+    assert len(statement_greenlets.seen) == 1
 
 
 async def test_checkouts_create_no_greenlet_per_call(
-    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    engine: AsyncEngine, statement_greenlets: _Greenlets
 ) -> None:
     """A hundred checkouts, each connect, execute, commit and close: SQLAlchemy's
-    greenlet_spawn would make four hundred greenlets; the kept ones serve them all."""
-    created = 0
-    original = _greenlets._Worker.__init__
-
-    def counting(self: _greenlets._Worker) -> None:
-        nonlocal created
-        created += 1
-        original(self)
-
+    greenlet_spawn would make four hundred greenlets (a hundred statements on a hundred
+    of them); one kept greenlet serves them all."""
     async with engine.connect() as conn:  # a first checkout sets the dialect up
         await conn.execute(text("SELECT 1"))
-    monkeypatch.setattr(_greenlets._Worker, "__init__", counting)
+    statement_greenlets.watch(engine)
     for n in range(100):
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT CAST(:n AS int)"), {"n": n})).scalar() == n
             await conn.commit()
-    assert created <= 1
+    assert len(statement_greenlets.seen) == 1
 
 
 async def test_a_cancellation_during_the_exit_rollback_gives_the_slot_back_at_once(

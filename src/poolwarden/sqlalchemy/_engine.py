@@ -8,8 +8,7 @@ What is covered: checkout (``connect()``, ``begin()``), ``execute`` / ``scalar``
 exit of ``async with engine.connect()`` closes in the caller's task (see
 :meth:`CoreAsyncConnection.__aexit__` for what a cancellation does then). Everything else
 (``stream``, ``execution_options``, ``get_raw_connection``...) is SQLAlchemy's own,
-unchanged. Engines made with
-``engine.execution_options(...)`` are of this class too.
+unchanged. Engines made with ``engine.execution_options(...)`` are of this class too.
 """
 
 from __future__ import annotations
