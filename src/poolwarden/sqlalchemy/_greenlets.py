@@ -29,6 +29,7 @@ from greenlet import GreenletExit, getcurrent, greenlet  # type: ignore[import-u
 __all__ = ["KEPT", "greenlet_call"]
 
 _T = TypeVar("_T")
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
 
 KEPT = 64
 """The most idle greenlets kept per thread (about the number of calls in flight at once)."""
@@ -55,13 +56,12 @@ class _Worker(greenlet):  # type: ignore[misc]  # greenlet's class is not typed 
         super().__init__(self._serve)
         # set by the caller before each switch in, taken back after: nothing of a call stays
         # referenced from an idle greenlet
-        self.call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
+        self.call: _Call | None = None
         self.outcome: _Outcome | None = None
 
     def _serve(self) -> None:
         while True:
-            fn, args, kwargs = cast(tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
-                                    self.call)
+            fn, args, kwargs = cast(_Call, self.call)
             self.call = None
             try:
                 self.outcome = _Outcome(fn(*args, **kwargs), None)
