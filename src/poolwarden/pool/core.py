@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import time
 import weakref
 from collections import Counter, deque
@@ -41,6 +42,7 @@ from ..protect.admission import Admission
 from ..protect.breaker import BreakerState, CircuitBreaker, Transition
 from ..protect.limiter import AdaptiveLimit
 from . import _driver
+from ._behind import roll_back_behind
 from ._checkout import Checkout
 from ._driver import PooledConnection
 from ._leaks import caller_stack, format_stack, task_on
@@ -641,12 +643,14 @@ class Pool:
         await self._give_back(conn, reset, discard)
 
     def _give_back(
-        self, conn: PooledConnection, reset: bool, discard: bool
+        self, conn: PooledConnection, reset: bool, discard: bool, wait: bool = True
     ) -> asyncio.Future[None]:
         """:meth:`release` without a coroutine: the connection is given back before this
         returns, and what it returns is already done unless a rollback or reset must run
         first (awaiting it waits for that, which goes on even if the caller is cancelled).
-        ``async with pool.connection()`` and the SQLAlchemy path release through it."""
+        ``async with pool.connection()`` and the SQLAlchemy path release through it; the
+        latter does not ``wait``: its rollback then runs behind (:mod:`._behind`), without
+        a task of its own, and the slot is handed on when it is through."""
         record = getattr(conn, "_pw_record", None)
         if record is None or record.pool is not self or record.state is not _IN_USE:
             record = self._checked_out(conn)
@@ -670,10 +674,16 @@ class Pool:
             self._connection_lost(record)
             return self._released()
         if state == _driver.NEEDS_RESTORE or reset or self._always_reset:
+            full = reset or self._always_reset
+            if not wait and not full and not conn._protocol._is_cancelling():
+                # The caller goes on; the slot is handed on once the rollback is through.
+                roll_back_behind(conn, self._config.release_timeout,
+                                 functools.partial(self._restored, record))
+                return self._released()
             # Shielded: if our caller is cancelled the restore still finishes and the slot
             # is still returned; the task is tracked so close() can wait for it.
-            full = reset or self._always_reset
-            return asyncio.shield(self._track(self._restore(record, full=full)))
+            restoring = self._track(self._restore(record, full=full))
+            return asyncio.shield(restoring) if wait else restoring
         self._reuse(record, now)
         return self._released()
 
@@ -720,14 +730,27 @@ class Pool:
         try:
             await _driver.restore(record.conn, full=full, timeout=self._config.release_timeout)
         except (Exception, asyncio.CancelledError) as exc:
-            self._last_error = exc
-            if _driver.is_connection_lost(exc) or record.conn.is_closed():
-                self._connection_lost(record)
-            else:
-                self._retire(record, CloseReason.RESET_FAILED)
+            self._restored(record, exc)
             return
-        self._restores += 1
-        self._reuse(record, _monotonic())
+        self._restored(record, None)
+
+    def _restored(self, record: Record, error: BaseException | None) -> None:
+        """A released connection's rollback or reset ended (``error``: how it failed): hand
+        it on, or close it. Nothing to do when close() has cut it off meanwhile."""
+        if record.state is not _IN_USE:
+            return
+        if error is None:
+            self._restores += 1
+            if record.timed_out:  # the watchdog's cancel could still hit the next user
+                self._retire(record, CloseReason.DISCARDED)
+            else:
+                self._reuse(record, _monotonic())
+            return
+        self._last_error = error
+        if _driver.is_connection_lost(error) or record.conn.is_closed():
+            self._connection_lost(record)
+        else:
+            self._retire(record, CloseReason.RESET_FAILED)
 
     def _connection_lost(self, record: Record) -> None:
         """A checked-out connection turned out dead: retire it and make idle siblings

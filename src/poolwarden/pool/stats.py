@@ -29,7 +29,7 @@ class PoolStats:
     # current
     connections: int  # open or opening: idle + in_use + opening
     connections_idle: int
-    connections_in_use: int
+    connections_in_use: int  # checked out, or released with its rollback still running
     connections_opening: int
     connections_overflow: int  # connections above pool_size
     requests_waiting: int
