@@ -3,6 +3,7 @@ server's own view of those pools' connections (pg_stat_activity)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -54,6 +55,15 @@ async def server_sessions(server: EmbeddedPostgres, application_name: str) -> li
         )
     finally:
         await conn.close()
+
+
+async def settled(pool: Pool, timeout: float = 5.0) -> None:
+    """Wait (bounded) until no connection of ``pool`` is in use: a SQLAlchemy block's
+    rollback runs behind its release, holding the slot until the server answers."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pool.stats().connections_in_use:
+        assert asyncio.get_running_loop().time() < deadline, pool.stats()
+        await asyncio.sleep(0.01)
 
 
 async def terminate(server: EmbeddedPostgres, application_name: str) -> int:

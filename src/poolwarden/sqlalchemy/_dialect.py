@@ -36,6 +36,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from ..pool import PooledConnection
 from ..pool._checkout import stopped_statement_error
+from ._pool import rollback_skipped
 
 if TYPE_CHECKING:
     from ..pool._driver import StatementSection
@@ -108,6 +109,8 @@ class PoolwardenAsyncpgDialect(PGDialect_asyncpg):
         self._end_transaction(super().do_commit, dbapi_connection, commit=True)
 
     def do_rollback(self, dbapi_connection: Any) -> None:
+        if rollback_skipped(dbapi_connection):
+            return
         self._end_transaction(super().do_rollback, dbapi_connection, commit=False)
 
     @staticmethod

@@ -5,8 +5,8 @@ than on a greenlet created per call.
 What is covered: checkout (``connect()``, ``begin()``), ``execute`` / ``scalar`` /
 ``scalars`` / ``exec_driver_sql``, ``commit``, ``rollback``, ``close``, ``run_sync``,
 ``invalidate``, and the transaction objects of ``conn.begin()`` / ``begin_nested()``. The
-exit of ``async with engine.connect()`` closes in the caller's task (see
-:meth:`CoreAsyncConnection.__aexit__` for what a cancellation does then). Everything else
+exit of ``async with engine.connect()`` closes in the caller's task, and the close leaves
+its rollback to the core (see :meth:`CoreAsyncConnection.__aexit__`). Everything else
 (``stream``, ``execution_options``, ``get_raw_connection``...) is SQLAlchemy's own,
 unchanged. Engines made with ``engine.execution_options(...)`` are of this class too.
 """
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransactio
 from sqlalchemy.ext.asyncio.result import _ensure_sync_result
 
 from ._greenlets import greenlet_call
+from ._pool import closing
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,15 +76,18 @@ class CoreAsyncConnection(AsyncConnection):
         await greenlet_call(self._proxied.rollback)
 
     async def close(self) -> None:
-        await greenlet_call(self._proxied.close)
+        connection = self._proxied
+        closing(connection)
+        await greenlet_call(connection.close)
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
         # SQLAlchemy closes in a task of its own behind a shield, so that a cancellation
         # arriving meanwhile waits for the rollback to finish (~8 µs a checkout for the task).
-        # Here the close runs in the caller's task: a cancellation that lands during the
-        # rollback interrupts it, SQLAlchemy invalidates the connection and it goes back to
-        # the core to be closed. The slot is given back at once, the transaction ends with
-        # the server session (nothing of it was committed) and the cancellation goes on.
+        # Here the close runs in the caller's task and waits for nothing: the rollback that
+        # ends the block runs behind the release, in the core (see ._pool.closing), so no
+        # cancellation can interrupt it. (Should a close still wait for the server, a
+        # cancellation there makes SQLAlchemy invalidate the connection, which goes back to
+        # the core to be closed: slot back, nothing committed.)
         await self.close()
 
     async def exec_driver_sql(

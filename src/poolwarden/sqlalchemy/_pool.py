@@ -13,10 +13,15 @@
   counted as ``error`` when it is already dead, ``discarded`` otherwise. SQLAlchemy's
   pool-wide invalidation is turned off; the core already makes idle siblings of a dead
   connection prove themselves with a ping.
-- Reset on return: SQLAlchemy rolls back the transaction it knows of (no round trip when
-  there is none); the core then finds the connection clean and does nothing. Whatever
-  SQLAlchemy did not know of (a ``BEGIN`` in autocommit mode) the core rolls back. At most
-  one round trip either way.
+- Reset on return: the ``ROLLBACK`` that ends a checkout — the close of a connection or of
+  a session with its transaction still open, i.e. every ``async with engine.connect()``
+  block that did not commit — runs behind the release: SQLAlchemy skips it (see
+  :func:`closing`), the core sends it and hands the connection on once it is answered
+  (:mod:`poolwarden.pool._behind`). The caller does not wait for that round trip, and the
+  slot stays taken until it is through; a rollback that fails costs the connection, not
+  the slot. A rollback the caller asks for (``conn.rollback()``) is SQLAlchemy's, waited
+  for as before. Whatever SQLAlchemy did not know of (a ``BEGIN`` in autocommit mode) the
+  core rolls back too. At most one round trip either way.
 - Pre-ping and recycling are the core's (``pre_ping`` window, ``max_lifetime``); the
   SQLAlchemy pool does neither.
 """
@@ -34,11 +39,11 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.pool import Pool as _SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import await_
-from sqlalchemy.util.concurrency import in_greenlet
 
 from ..pool import Pool, PooledConnection
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
     from sqlalchemy.engine.interfaces import DBAPIConnection
 
 logger = logging.getLogger("poolwarden.sqlalchemy")
@@ -48,13 +53,41 @@ _T = TypeVar("_T")
 
 class _CoreRecord(_ConnectionRecord):
     """SQLAlchemy's record of one core connection; ``core_conn`` is set while it is checked
-    out (the connection to give back), ``None`` once given back."""
+    out (the connection to give back), ``None`` once given back. ``closing`` is set by
+    :func:`closing` for the rest of a checkout that is ending."""
 
-    __slots__ = ("core_conn",)
+    __slots__ = ("closing", "core_conn")
 
     def __init__(self, pool: CorePool, conn: PooledConnection) -> None:
         self.core_conn: PooledConnection | None = conn
+        self.closing = False
         super().__init__(pool, connect=False)
+
+
+def closing(connection: Connection) -> None:
+    """``connection`` is about to be closed: its transaction, if any, is rolled back by the
+    core after release, in the background, instead of by SQLAlchemy before it.
+
+    Called just before a close (of the connection, or of the session that owns it). The
+    root ``ROLLBACK`` of that close is then skipped (:func:`rollback_skipped`); savepoint
+    rollbacks before it still run. The flag ends with the checkout."""
+    fairy = connection._dbapi_connection
+    if fairy is not None:
+        record = fairy._connection_record
+        if type(record) is _CoreRecord:
+            record.closing = True
+
+
+def rollback_skipped(dbapi_connection: Any) -> bool:
+    """For the dialect's ``do_rollback``: ``True`` when the checkout of ``dbapi_connection``
+    (SQLAlchemy's proxy of it) is closing, in which case its transaction is left to the core
+    — the adapter forgets it, the core rolls it back once the connection is released."""
+    record = getattr(dbapi_connection, "_connection_record", None)
+    if type(record) is not _CoreRecord or not record.closing:
+        return False
+    record.closing = False
+    dbapi_connection.dbapi_connection._transaction = None
+    return True
 
 
 class CorePool(_SAPool):
@@ -129,6 +162,7 @@ class CorePool(_SAPool):
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         rec = cast(_CoreRecord, record)
         conn, rec.core_conn = rec.core_conn, None
+        rec.closing = False
         if conn is None:
             return  # already given back by _close_connection
         # No adapter left (detach(), or a setup interrupted before SQLAlchemy could close
@@ -153,17 +187,14 @@ class CorePool(_SAPool):
             # A dead connection goes back undiscarded: the core counts it as lost (reason
             # "error") and pings its idle siblings before reuse.
             discard = not conn.is_closed()
-        greenlet = in_greenlet()
-        if not greenlet and not _loop_running():
+        if not _loop_running():
             # Garbage collection of a connection never closed, outside the event loop.
             logger.error("poolwarden: a connection was garbage-collected outside the "
                          "event loop; its pool slot could not be returned")
             return
-        release = self._core._give_back(conn, False, discard)
-        if greenlet and not release.done():  # a rollback or reset runs first
-            await_(release)
-        # (outside a greenlet — garbage collection on the loop — any rollback goes on in the
-        # background, tracked by the core)
+        # A rollback or reset that must run first goes on in the background, tracked by the
+        # core, which hands the slot on once it is through (or closes the connection).
+        self._core._give_back(conn, False, discard, wait=False)
 
     def _invalidate(
         self,

@@ -8,6 +8,8 @@ transaction objects of ``session.begin()`` / ``begin_nested()``. The rest is SQL
 own. The exit of ``async with session:`` stays SQLAlchemy's (the close in a task of its own,
 finished even when the caller is cancelled): a session's close ends its connections one by
 one, and an interrupted one could leave a connection unreturned until garbage collection.
+The close leaves the root rollback of the connections the session checked out to the core,
+behind their release (savepoints still open are rolled back first, by SQLAlchemy).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio.session import _EXECUTE_OPTIONS
 from sqlalchemy.util import EMPTY_DICT, immutabledict
 
 from ._greenlets import greenlet_call
+from ._pool import closing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -101,7 +104,15 @@ class CoreAsyncSession(AsyncSession):
         await greenlet_call(self.sync_session.rollback)
 
     async def close(self) -> None:
-        await greenlet_call(self.sync_session.close)
+        session = self.sync_session
+        transaction = session.get_transaction()
+        if transaction is not None:
+            # The connections the session checked out itself end with this close: their
+            # transactions are rolled back by the core after release.
+            for connection, _, _, owned in transaction._connections.values():
+                if owned:
+                    closing(connection)
+        await greenlet_call(session.close)
 
     async def run_sync(self, fn: Callable[..., _T], *arg: Any, **kw: Any) -> _T:
         return await greenlet_call(fn, self.sync_session, *arg, **kw)
