@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from sqlalchemy import Integer, String, func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pool_helpers import engine_on, open_pool, server_sessions, settled
@@ -152,6 +153,27 @@ async def test_cancelling_the_caller_does_not_interrupt_its_rollback(
         assert core.stats().restores_total == 1
         sessions = await server_sessions(pg, core.config.application_name)
         assert [row["state"] for row in sessions] == ["idle"]
+    assert await _rows(admin) == []
+
+
+async def test_a_failed_transaction_is_rolled_back_behind_too(
+    core: Pool, admin: asyncpg.Connection
+) -> None:
+    """A statement fails inside the block (the transaction is aborted on the server): the
+    error reaches the caller as SQLAlchemy's, the aborted transaction is rolled back behind
+    the release, and the same connection serves the next block."""
+    async with engine_on(core) as engine:
+        with pytest.raises(IntegrityError):
+            async with engine.connect() as conn:
+                pid = (await conn.execute(PID)).scalar()
+                await conn.execute(INSERT)
+                await conn.execute(INSERT)  # the same key again
+        await settled(core)
+        assert core.stats().restores_total == 1
+        assert sum(core.stats().connections_closed_total.values()) == 0
+        async with engine.connect() as conn:
+            assert (await conn.execute(PID)).scalar() == pid
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
     assert await _rows(admin) == []
 
 
