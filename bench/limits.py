@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,8 @@ from .systems import SELECT1
 now = time.perf_counter_ns
 
 
-def _statement_on(conn: Any, statement: str) -> Op:
+def statement_on(conn: Any, statement: str) -> Op:
+    """The ideal's operation: ``statement`` on a connection that is always in hand."""
     async def op() -> int:
         t = now()  # the connection is always in hand: no acquire wait
         await conn.fetchval(statement)
@@ -44,19 +47,69 @@ def _statement_on(conn: Any, statement: str) -> Op:
     return op
 
 
+async def open_owned(
+    dsn: str, connections: int
+) -> tuple[list[asyncpg.Connection], Callable[[], Awaitable[None]]]:
+    """``connections`` plain asyncpg connections, and how to close them all."""
+    conns = await asyncio.gather(*(asyncpg.connect(dsn) for _ in range(connections)))
+
+    async def close() -> None:
+        await asyncio.gather(*(c.close() for c in conns))
+
+    return list(conns), close
+
+
+class FifoPool:
+    """The issue's reference: a bare-bones fair FIFO pool (a deque of futures, direct
+    handoff, nothing else). Measured next to poolwarden so that the report shows what a
+    pool costs at the very least on this machine."""
+
+    def __init__(self, conns: list[asyncpg.Connection]) -> None:
+        self._idle = collections.deque(conns)
+        self._waiters: collections.deque[asyncio.Future[asyncpg.Connection]] = (
+            collections.deque())
+
+    async def acquire(self) -> asyncpg.Connection:
+        if self._idle:
+            return self._idle.pop()
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return await future
+
+    def release(self, conn: asyncpg.Connection) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def select1(self) -> Op:
+        async def op() -> int:
+            conn = await self.acquire()
+            try:
+                t = now()
+                await conn.fetchval(SELECT1)
+            finally:
+                self.release(conn)
+            return t
+
+        return op
+
+
 async def owned_connections(
     dsn: str, connections: int, *, warmup_s: float, duration_s: float,
     statement: str = SELECT1,
 ) -> Samples:
     """``statement`` from ``connections`` tasks, each on its own connection (no pool)."""
-    conns = await asyncio.gather(*(asyncpg.connect(dsn) for _ in range(connections)))
+    conns, close = await open_owned(dsn, connections)
     try:
         return await closed_loop(
-            [_statement_on(c, statement) for c in conns],
+            [statement_on(c, statement) for c in conns],
             warmup_s=warmup_s, duration_s=duration_s,
         )
     finally:
-        await asyncio.gather(*(c.close() for c in conns))
+        await close()
 
 
 def _sqlalchemy_statement_on(conn: Any, statement: Any) -> Op:

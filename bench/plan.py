@@ -21,6 +21,7 @@ from .workloads import (
     measure_owned,
     measure_owned_sqlalchemy,
     measure_paired,
+    measure_paired_with_ideal,
     measure_system,
 )
 
@@ -29,6 +30,8 @@ OVERLOAD_CALLERS = (100, 500)
 HOLD_CONCURRENCIES = (1, 64)
 HOLD_POOL = 10
 OBSERVABILITY_CONCURRENCIES = (10, 64)  # workload d: SELECT 1, observability on vs off
+IDEAL_PAIRED_CONCURRENCIES = (10, 64)  # the bar's b criteria against the ideal, paired
+OURS = "poolwarden"  # the system measured paired with the ideal
 OVERLOAD_POOL = 10
 PGBENCH_CLIENTS = (10, 64)
 # Workload c: a caller refused at once waits this long before its next request (a client
@@ -37,6 +40,7 @@ PGBENCH_CLIENTS = (10, 64)
 SHED_PAUSE_S = 0.1
 BARE = "bare"
 IDEAL = "ideal"
+FIFO = "fifo"  # the bare-bones fair FIFO pool of the issue, measured paired with the ideal
 SQLALCHEMY_BARE = "sqlalchemy-bare"  # one SQLAlchemy connection, one task
 SQLALCHEMY_IDEAL = "sqlalchemy-ideal"  # P tasks owning a SQLAlchemy connection each
 
@@ -152,6 +156,13 @@ def one_round(
         pools_at(Point("c", callers, OVERLOAD_POOL))
     for c in OBSERVABILITY_CONCURRENCIES:
         paired_at(Point("d", c, HOLD_POOL))
+    for system in systems:
+        if system.key == OURS:
+            for c in IDEAL_PAIRED_CONCURRENCIES:
+                point = Point("paired", c, HOLD_POOL)
+                tasks.append(Task(point, (OURS, FIFO, IDEAL), partial(
+                    measure_paired_with_ideal, system, point, dsn, timing, ideal=IDEAL,
+                    fifo=FIFO)))
     if pgbench is not None:
         tasks.extend(
             _single(

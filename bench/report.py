@@ -7,7 +7,7 @@ from typing import Any
 
 from .bar import Check
 from .limits import PGBENCH_SCRIPTS
-from .plan import BARE, IDEAL, SQLALCHEMY_BARE, SQLALCHEMY_IDEAL
+from .plan import BARE, FIFO, IDEAL, SQLALCHEMY_BARE, SQLALCHEMY_IDEAL
 from .results import BASELINE, Results, Series
 from .stats import DASH, TIMES, Spread
 from .workloads import WORKLOADS
@@ -15,6 +15,7 @@ from .workloads import WORKLOADS
 LIMIT_LABELS = {
     BARE: "limit: bare asyncpg connection",
     IDEAL: "limit: no-pool ideal (P tasks, own connection each)",
+    FIFO: "reference: bare-bones fair FIFO pool (deque of futures, direct handoff)",
     SQLALCHEMY_BARE: "limit: bare SQLAlchemy connection",
     SQLALCHEMY_IDEAL: "limit: SQLAlchemy no-pool ideal (P tasks, own AsyncConnection each)",
 }
@@ -66,7 +67,7 @@ class Report:
     def render(self) -> str:
         out = self._head() + self._summary() + self._bar()
         out += self._closed_loop("a") + self._closed_loop("b") + self._overload()
-        out += self._closed_loop("d")
+        out += self._closed_loop("d") + self._closed_loop("paired")
         out += self._pgbench() + self._systems()
         return "\n".join(out) + "\n"
 
@@ -184,14 +185,15 @@ class Report:
     def _closed_loop(self, workload: str) -> list[str]:
         out = [f"## {workload}. {WORKLOADS[workload]}", ""]
         header = ["system", "ops/s", f"{TIMES}asyncpg"]
-        if workload == "b":
+        if workload in ("b", "paired"):
             header.append(f"{TIMES}ideal P")
         header += ["p50 ms", "p99 ms", "p99 acquire wait ms", "client CPU µs/op", "errors"]
         for key in self._keys(workload):
             point = self.r.at(key)
             any_series = next(iter(point.values()))
             c, p = any_series.point["concurrency"], any_series.point["pool_size"]
-            ideal = self._get(f"limit C={p} P={p}", IDEAL) if workload == "b" else None
+            ideal = (self._get(f"limit C={p} P={p}", IDEAL) if workload == "b"
+                     else self._get(key, IDEAL) if workload == "paired" else None)
             rows = [row for who in point if (row := self._row(key, who, ideal=ideal))]
             if workload == "b":
                 limits = [self._get(f"limit C={p} P={p}", SQLALCHEMY_IDEAL), ideal]

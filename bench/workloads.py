@@ -9,18 +9,30 @@ are measured *paired*: all open in one event loop, each warmed up, then the wind
 into :data:`PAIRED_SLICES` slices taken in turn (A B, B A, A B, ...), each after a short
 warm-up of its own; a participant's figures are its slices added up. A drift then hits both
 alike, as interleaving does for the other workloads at the scale of a round.
+
+The bar's b criteria against the no-pool ideal (≥ 90 % at C=10, ≥ 85 % at C=64) are
+measured the same way (workload ``paired``): the raw pool with C tasks and the ideal's P
+tasks each owning a connection, in turn. In separate windows a minute apart, the
+per-round ratio moved by ±10 % with the machine's speed alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
-from .drive import Samples, closed_loop
-from .limits import owned_connections, owned_sqlalchemy_connections
+from .drive import Op, Samples, closed_loop
+from .limits import (
+    FifoPool,
+    open_owned,
+    owned_connections,
+    owned_sqlalchemy_connections,
+    statement_on,
+)
 from .stats import percentile
 from .systems import SELECT1, SLEEP, PoolSpec, System
 
@@ -32,6 +44,10 @@ WORKLOADS = {
     "b": "SELECT 1 per acquire",
     "c": "overload: SELECT pg_sleep(0.01) per acquire, acquire budget 1 s",
     "d": "instrumentation overhead: poolwarden observability on vs off",
+    "paired": (
+        "SELECT 1, poolwarden raw (C tasks) and the no-pool ideal (P tasks, own connection "
+        "each) measured paired: one event loop, the window cut into slices taken in turn"
+    ),
     "limit": (
         "limits of this client: bare connection (C=1), P tasks owning P connections "
         "(asyncpg; and SQLAlchemy connections, BEGIN/SELECT 1/ROLLBACK)"
@@ -104,7 +120,7 @@ async def _measure_system(system: System, point: Point, dsn: str, timing: Timing
     spec = PoolSpec(point.pool_size, BUDGET_S if overload else NO_BUDGET_S)
     client = await system.open(dsn, spec)
     try:
-        # (workload d is measured paired, see _measure_paired)
+        # (workloads d and paired are measured paired, see _measure_paired)
         op = {"a": client.hold, "b": client.select1, "c": client.sleep}[point.workload]
         return await closed_loop(
             [op] * point.concurrency,
@@ -128,38 +144,79 @@ PAIRED_SLICES = 12  # workload d: slices of the window per participant
 SLICE_WARMUP_S = 0.1  # before each slice: the C tasks start and reach a steady state
 
 
+@dataclass(slots=True)
+class _Participant:
+    """One side of a paired measurement: the closed loop's operations, and how to end."""
+
+    ops: list[Op]
+    close: Callable[[], Awaitable[None]]
+
+
+async def _pool_participant(system: System, point: Point, dsn: str) -> _Participant:
+    client = await system.open(dsn, PoolSpec(point.pool_size, NO_BUDGET_S))
+    return _Participant([client.select1] * point.concurrency, client.close)
+
+
+async def _ideal_participant(point: Point, dsn: str) -> _Participant:
+    conns, close = await open_owned(dsn, point.pool_size)
+    return _Participant([statement_on(c, SELECT1) for c in conns], close)
+
+
 async def _measure_paired(
-    systems: Sequence[System], point: Point, dsn: str, timing: Timing
+    openers: dict[str, Callable[[], Awaitable[_Participant]]], timing: Timing
 ) -> dict[str, Samples]:
-    spec = PoolSpec(point.pool_size, NO_BUDGET_S)
-    clients: dict[str, Any] = {}
+    sides: dict[str, _Participant] = {}
     try:
-        for system in systems:
-            clients[system.key] = await system.open(dsn, spec)
-        merged = {key: Samples(window_s=0.0) for key in clients}
-        order = list(clients)
+        for key, open_side in openers.items():
+            sides[key] = await open_side()
+        merged = {key: Samples(window_s=0.0) for key in sides}
+        order = list(sides)
         for key in order:  # the warm-up, discarded
-            await closed_loop([clients[key].select1] * point.concurrency,
-                              warmup_s=timing.warmup_s, duration_s=0.0)
+            await closed_loop(sides[key].ops, warmup_s=timing.warmup_s, duration_s=0.0)
         for i in range(PAIRED_SLICES):
             for key in order if i % 2 == 0 else reversed(order):
                 merged[key].add(await closed_loop(
-                    [clients[key].select1] * point.concurrency,
+                    sides[key].ops,
                     warmup_s=SLICE_WARMUP_S, duration_s=timing.duration_s / PAIRED_SLICES,
                 ))
         return merged
     finally:
-        for client in clients.values():
-            await client.close()
+        for side in sides.values():
+            await side.close()
+
+
+def _paired(
+    openers: dict[str, Callable[[], Awaitable[_Participant]]], timing: Timing
+) -> dict[str, dict[str, Any]]:
+    gc.collect()
+    samples = asyncio.run(_measure_paired(openers, timing))
+    return {key: metrics(s) for key, s in samples.items()}
 
 
 def measure_paired(
     systems: Sequence[System], point: Point, dsn: str, timing: Timing
 ) -> dict[str, dict[str, Any]]:
     """One paired measurement of ``systems`` (workload d), each running ``SELECT 1``."""
-    gc.collect()
-    samples = asyncio.run(_measure_paired(systems, point, dsn, timing))
-    return {key: metrics(s) for key, s in samples.items()}
+    return _paired(
+        {s.key: partial(_pool_participant, s, point, dsn) for s in systems}, timing)
+
+
+async def _fifo_participant(point: Point, dsn: str) -> _Participant:
+    conns, close = await open_owned(dsn, point.pool_size)
+    return _Participant([FifoPool(conns).select1()] * point.concurrency, close)
+
+
+def measure_paired_with_ideal(
+    system: System, point: Point, dsn: str, timing: Timing, *, ideal: str, fifo: str
+) -> dict[str, dict[str, Any]]:
+    """One paired measurement (workload ``paired``) of ``system`` and the bare-bones FIFO
+    pool (named ``fifo``) with ``point.concurrency`` tasks, and of the no-pool ideal (named
+    ``ideal``) with ``point.pool_size``."""
+    return _paired({
+        system.key: partial(_pool_participant, system, point, dsn),
+        fifo: partial(_fifo_participant, point, dsn),
+        ideal: partial(_ideal_participant, point, dsn),
+    }, timing)
 
 
 def measure_owned(point: Point, dsn: str, timing: Timing) -> dict[str, Any]:
