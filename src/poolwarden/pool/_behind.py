@@ -9,9 +9,11 @@ the rollback behind, the next checkout takes another idle connection meanwhile.
 How, cheaply: no task. The ``ROLLBACK`` is written before :func:`roll_back_behind` returns
 (the first step of asyncpg's protocol coroutine runs inline), and each later step runs from
 the done-callback of the future that coroutine waits on — what a task does, without the
-task's creation and its first scheduled step (~5 µs a release, measured on the SQLAlchemy
-path at 64 callers). Every step runs in a context of its own, so the releasing caller's
-deadline does not bound the rollback.
+task's creation and its first scheduled step. (Measured on the SQLAlchemy path at 64
+callers, client CPU per checkout: the pool's restore task, with its two timers, cost
+~16 µs more than waiting for the rollback inline; a lean task ~7 µs more; this ~8 µs less.)
+Every step runs in a context of its own, so the releasing caller's deadline does not bound
+the rollback.
 
 Bounded like any statement: by the pool's statement watchdog when it watches the
 connection (``command_timeout``), else by a timer of ``timeout`` seconds.

@@ -1,9 +1,10 @@
 """The boundary with asyncpg: opening connections, classifying errors, restoring state.
 
-Everything that touches asyncpg internals lives here, so that a driver upgrade has one
-place to check. The pool hands out :class:`PooledConnection` — a plain asyncpg
-``Connection`` subclass with one extra slot — rather than a proxy object: a proxy costs an
-attribute lookup on every call, and the Python client is the bottleneck.
+Everything that touches asyncpg internals lives here (and in :mod:`._behind`, the rollback
+behind a release), so that a driver upgrade has two modules to check. The pool hands out
+:class:`PooledConnection` — a plain asyncpg ``Connection`` subclass with one extra slot —
+rather than a proxy object: a proxy costs an attribute lookup on every call, and the Python
+client is the bottleneck.
 """
 
 from __future__ import annotations
@@ -289,18 +290,21 @@ def statements_sent(conn: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-CLEAN, NEEDS_RESTORE, CLOSED = 0, 1, 2
+CLEAN, NEEDS_RESTORE, CLOSED, NEEDS_ROLLBACK = 0, 1, 2, 3
 
 
 def release_state(conn: PooledConnection) -> int:
     """At release, in one call (this is the hot path): ``CLOSED`` when the connection is
-    gone, ``NEEDS_RESTORE`` when a transaction is open or failed or a cancelled query is
-    still being cancelled on the server, else ``CLEAN``."""
+    gone, ``NEEDS_RESTORE`` when a cancelled query is still being cancelled on the server,
+    ``NEEDS_ROLLBACK`` when a transaction is open or failed (and nothing else is needed),
+    else ``CLEAN``."""
     protocol = conn._protocol
     if conn._aborted or protocol is None or not protocol.is_connected():
         return CLOSED
-    if protocol.is_in_transaction() or conn._top_xact is not None or protocol._is_cancelling():
+    if protocol._is_cancelling():
         return NEEDS_RESTORE
+    if protocol.is_in_transaction() or conn._top_xact is not None:
+        return NEEDS_ROLLBACK
     return CLEAN
 
 

@@ -673,9 +673,9 @@ class Pool:
         if state == _driver.CLOSED:
             self._connection_lost(record)
             return self._released()
-        if state == _driver.NEEDS_RESTORE or reset or self._always_reset:
+        if state != _driver.CLEAN or reset or self._always_reset:
             full = reset or self._always_reset
-            if not wait and not full and not conn._protocol._is_cancelling():
+            if not wait and not full and state == _driver.NEEDS_ROLLBACK:
                 # The caller goes on; the slot is handed on once the rollback is through.
                 roll_back_behind(conn, self._config.release_timeout,
                                  functools.partial(self._restored, record))
