@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
+from .plan import FIFO, IDEAL, OURS
 from .results import Results, Series
 from .stats import DASH, TIMES
 
-OURS = "poolwarden"
 PEERS = ("asyncpg", "asyncpg-noreset", "sqlalchemy", "psycopg")
 OVERLOAD_CAPACITY = 1000.0  # pool 10 / 10 ms per request, nominally
 CAPACITY = "capacity C=10 P=10"  # measured: 10 tasks owning a connection each, no pool
@@ -84,18 +84,18 @@ def checks(results: Results) -> list[Check]:
         label = f"b. SELECT 1 {key[2:]}: poolwarden / no-pool ideal P=10"
         out.append(_at_least(
             f"{label} (paired: one loop, slices in turn)",
-            _ratio(results, get(paired, OURS), get(paired, "ideal")),
+            _ratio(results, get(paired, OURS), get(paired, IDEAL)),
             bound,
             f"≥ {TIMES}{bound:.2f}",
         ))
-        fifo = _ratio(results, get(paired, "fifo"), get(paired, "ideal"))
+        fifo = _ratio(results, get(paired, FIFO), get(paired, IDEAL))
         out.append(Check(
             f"b. SELECT 1 {key[2:]}: bare-bones FIFO pool / no-pool ideal P=10 (paired; what "
             "a pool costs at the least)",
             DASH if fifo is None else f"{TIMES}{fifo:.2f}", "(context)", None,
         ))
         # Not the criterion: the same ratio from separate windows of the interleaved rounds.
-        apart = _ratio(results, get(key, OURS), get(IDEAL10, "ideal"))
+        apart = _ratio(results, get(key, OURS), get(IDEAL10, IDEAL))
         out.append(Check(
             f"{label} (separate windows, drift included)",
             DASH if apart is None else f"{TIMES}{apart:.2f}", "(context)", None,
@@ -149,7 +149,7 @@ def checks(results: Results) -> list[Check]:
         out.append(
             _at_least(
                 f"{label}: goodput / measured capacity",
-                _ratio(results, series, get(CAPACITY, "ideal")),
+                _ratio(results, series, get(CAPACITY, IDEAL)),
                 0.97,
                 f"≥ {TIMES}0.97",
             )

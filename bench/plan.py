@@ -31,7 +31,7 @@ HOLD_CONCURRENCIES = (1, 64)
 HOLD_POOL = 10
 OBSERVABILITY_CONCURRENCIES = (10, 64)  # workload d: SELECT 1, observability on vs off
 IDEAL_PAIRED_CONCURRENCIES = (10, 64)  # the bar's b criteria against the ideal, paired
-OURS = "poolwarden"  # the system measured paired with the ideal
+OURS = "poolwarden"  # the raw path: the bar's subject, measured paired with the ideal
 OVERLOAD_POOL = 10
 PGBENCH_CLIENTS = (10, 64)
 # Workload c: a caller refused at once waits this long before its next request (a client

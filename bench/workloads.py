@@ -11,9 +11,9 @@ warm-up of its own; a participant's figures are its slices added up. A drift the
 alike, as interleaving does for the other workloads at the scale of a round.
 
 The bar's b criteria against the no-pool ideal (≥ 90 % at C=10, ≥ 85 % at C=64) are
-measured the same way (workload ``paired``): the raw pool with C tasks and the ideal's P
-tasks each owning a connection, in turn. In separate windows a minute apart, the
-per-round ratio moved by ±10 % with the machine's speed alone.
+measured the same way (workload ``paired``): the raw pool and the issue's bare-bones FIFO
+pool with C tasks, and the ideal's P tasks each owning a connection, in turn. In separate
+windows a minute apart, the per-round ratio moved by ±10 % with the machine's speed alone.
 """
 
 from __future__ import annotations
