@@ -102,6 +102,31 @@ async def test_server_restart_under_load_recovers_with_no_stuck_callers(
         "server_restarted", 0) >= 5
 
 
+async def test_connections_held_across_a_newer_server_are_closed_when_released(
+    pg: EmbeddedPostgres, replica: EmbeddedPostgres, proxy: FaultProxy,
+) -> None:
+    """The address now leads to a server that started later (a failover behind one address):
+    once the pool has seen it, a connection held from before is closed on release, not
+    reused, and an idle one is closed at once."""
+    async with open_pool(proxy.dsn_for(pg.dsn), min_size=2, pool_size=3) as pool:
+        held = await pool.acquire()
+        before_pid = held.get_server_pid()
+        proxy.target_port = replica.port  # new connections reach the standby
+        newer = await pool.acquire()  # the idle one from before
+        newest = await pool.acquire()  # a new connection: the pool learns of the newer server
+        assert await newest.fetchval("SELECT pg_is_in_recovery()") is True
+        assert pool.stats().server_restarts_total == 1
+        await pool.release(held)
+        await pool.release(newer)
+        await pool.release(newest)
+        closed = pool.stats().connections_closed_total
+        assert closed.get("server_restarted") == 2
+        for _ in range(3):
+            async with pool.connection() as conn:
+                assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+                assert conn.get_server_pid() != before_pid
+
+
 async def test_server_down_gives_timeouts_caused_by_the_connection_error_then_recovers(
     fresh_pg: EmbeddedPostgres,
 ) -> None:

@@ -22,7 +22,6 @@ import asyncpg
 
 from .._secrets import scrub
 from ..deadline import _current as _deadline_var
-from ..deadline import current_deadline
 from ..errors import PoolwardenError
 
 if TYPE_CHECKING:
@@ -248,9 +247,10 @@ def bind_deadline(
         index = fields.index("command_timeout")
         getitem = tuple.__getitem__
         monotonic = time.monotonic
+        deadline_var_get = _deadline_var.get
 
         def command_timeout(self: Any) -> float | None:
-            at = current_deadline()
+            at = deadline_var_get()  # (current_deadline(), without its call)
             if at is None:
                 section = self._pw_section
                 if section is not None and (section._acquired or section.outside):
