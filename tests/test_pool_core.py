@@ -211,6 +211,12 @@ async def test_release_twice_or_into_another_pool_is_an_error(pg: EmbeddedPostgr
         await pool.release(conn)
         with pytest.raises(PoolError, match="released twice"):
             await pool.release(conn)
+        plain = await asyncpg.connect(pg.dsn)  # not a pool's connection at all
+        try:
+            with pytest.raises(PoolError, match="not from this pool"):
+                await pool.release(plain)
+        finally:
+            await plain.close()
 
 
 async def test_discard_closes_the_connection_and_counts_it(pg: EmbeddedPostgres) -> None:

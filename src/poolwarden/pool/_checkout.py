@@ -16,6 +16,7 @@ from ..errors import DeadlineExceeded, StatementTimeout
 from . import _driver
 from ._driver import PooledConnection
 from ._record import ConnState, Record
+from ._waiter import Waiter
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -28,8 +29,9 @@ _monotonic = time.monotonic
 _IN_USE = ConnState.IN_USE
 
 
-class Checkout:
-    """The async context manager returned by :meth:`Pool.connection`."""
+class Checkout(Waiter):
+    """The async context manager returned by :meth:`Pool.connection`; when it must wait,
+    it is itself the pool's :class:`Waiter` (no object of its own per wait)."""
 
     __slots__ = ("_conn", "_deadline", "_pool", "_reset", "_timeout")
 

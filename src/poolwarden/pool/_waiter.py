@@ -16,21 +16,25 @@ class Waiter:
     releaser hands the connection to the next waiter instead of losing it. A waiter that is
     cancelled *after* being handed one gives the connection back itself
     (``Pool._abandon``).
+
+    The pool fills the fields in when the caller joins the queue (:meth:`Pool._enqueue`):
+    ``async with pool.connection()`` queues its block itself (a
+    :class:`~poolwarden.pool._checkout.Checkout` is a waiter), so a caller who waits costs
+    no object of its own.
     """
 
     __slots__ = ("deadline", "future", "limit", "since")
 
-    def __init__(
-        self, future: asyncio.Future[Record], since: float, deadline: float,
-        limit: str = "acquire_timeout",
-    ) -> None:
-        self.future = future
-        self.since = since
-        self.deadline = deadline  # time.monotonic() instant after which it gives up
-        # what set that instant: "acquire_timeout", the caller's "deadline", or "shed"
-        # (overload admission caps how long a waiter may stay queued)
-        self.limit = limit
+    future: asyncio.Future[Record]
+    since: float
+    deadline: float  # time.monotonic() instant after which it gives up
+    # what set that instant: "acquire_timeout", the caller's "deadline", or "shed"
+    # (overload admission caps how long a waiter may stay queued)
+    limit: str
 
     def __repr__(self) -> str:
-        state = "waiting" if not self.future.done() else "served_or_abandoned"
+        future = getattr(self, "future", None)
+        if future is None:
+            return "<Waiter not queued>"
+        state = "waiting" if not future.done() else "served_or_abandoned"
         return f"<Waiter {state} since={self.since:.3f}>"

@@ -64,6 +64,7 @@ _monotonic = time.monotonic
 _NEVER = float("inf")
 # (enum members as module constants: reading ConnState.IDLE costs ~50 ns on Python 3.11)
 _IN_USE, _IDLE = ConnState.IN_USE, ConnState.IDLE
+_Future = asyncio.Future
 # (module constants: no attribute lookup on the release path)
 _release_state = _driver.release_state
 _CONN_CLEAN, _CONN_CLOSED = _driver.CLEAN, _driver.CLOSED
@@ -367,7 +368,7 @@ class Pool:
             # less on the path that every caller of a busy pool takes.
             probe = breaker is not None and breaker.state is not _CLOSED  # (half-open)
             try:
-                waiter = self._enqueue(now, timeout, deadline)
+                waiter = self._enqueue(now, timeout, deadline, block)
                 try:
                     record = await waiter.future
                 except asyncio.CancelledError:
@@ -416,9 +417,12 @@ class Pool:
                                    state=self._state(), waited_s=0.0)
         return deadline
 
-    def _enqueue(self, now: float, timeout: float | None, deadline: float | None) -> Waiter:
-        """Queue a caller who cannot be served at once (the wait's first half); refused
-        here when the queue is full or admission says the wait would be too long."""
+    def _enqueue(
+        self, now: float, timeout: float | None, deadline: float | None, block: Waiter | None
+    ) -> Waiter:
+        """Queue a caller who cannot be served at once (the wait's first half): its
+        ``block`` (``async with pool.connection()``), else a new waiter. Refused here when
+        the queue is full or admission says the wait would be too long."""
         waiting = len(self._waiters)
         if waiting >= self._max_waiting:
             self._refusals += 1
@@ -443,7 +447,11 @@ class Pool:
             cap = now + admission.max_wait(budget)
             if cap < limit:
                 limit, why = cap, "shed"
-        waiter = Waiter(self._loop.create_future(), now, limit, why)
+        waiter = Waiter() if block is None else block
+        waiter.future = _Future(loop=self._loop)  # (loop.create_future() without its frame)
+        waiter.since = now
+        waiter.deadline = limit
+        waiter.limit = why
         self._waiters.append(waiter)
         if limit < self._expiry_at:
             self._schedule_expiry(limit, now)
@@ -640,6 +648,9 @@ class Pool:
         ``discard``-ed is closed instead. Raises :class:`PoolError` when ``conn`` is not
         checked out from this pool.
         """
+        if getattr(conn, "_pw_record", None) is None:  # (not isinstance: asyncpg's
+            # metaclass says any asyncpg connection is an instance of every subclass)
+            raise PoolError("release of a connection that is not from this pool", node=self.name)
         await self._give_back(conn, reset, discard)
 
     def _give_back(
@@ -650,8 +661,9 @@ class Pool:
         first (awaiting it waits for that, which goes on even if the caller is cancelled).
         ``async with pool.connection()`` and the SQLAlchemy path release through it; the
         latter does not ``wait``: its rollback then runs behind (:mod:`._behind`), without
-        a task of its own, and the slot is handed on when it is through."""
-        record = getattr(conn, "_pw_record", None)
+        a task of its own, and the slot is handed on when it is through.
+        (``conn`` is a :class:`PooledConnection`: :meth:`release` checks.)"""
+        record = conn._pw_record
         if record is None or record.pool is not self or record.state is not _IN_USE:
             record = self._checked_out(conn)
             if record is None:
@@ -768,7 +780,8 @@ class Pool:
         """Give an in-use record to the oldest live waiter, else make it idle (or close it
         when it is above ``pool_size`` or the pool is closing). Synchronous: atomic."""
         waiters = self._waiters
-        if self._n_in_use <= self._limit:  # (``record`` is counted in use)
+        in_use = self._n_in_use  # (``record`` is counted in use)
+        if in_use <= self._limit:
             while waiters:
                 future = waiters.popleft().future  # (the waiter's offer, inline)
                 if not future.done():
@@ -776,14 +789,14 @@ class Pool:
                     return
             if self._admission is not None:
                 self._admission.on_queue_empty(_monotonic() if now is None else now)
-        self._n_in_use -= 1
-        if self._closing or len(self._idle) + self._n_in_use + self._n_opening >= self._pool_size:
-            self._n_in_use += 1  # _retire counts it out
+        idle = self._idle
+        if self._closing or len(idle) + in_use + self._n_opening > self._pool_size:
             self._retire(record, CloseReason.POOL_CLOSED if self._closing else CloseReason.OVERFLOW)
             return
+        self._n_in_use = in_use - 1
         record.state = _IDLE
         record.idle_since = _monotonic() if now is None else now
-        self._idle.append(record)
+        idle.append(record)
 
     def _retire(self, record: Record, reason: CloseReason) -> None:
         """Close an in-use record in the background and replace it if callers need one."""
