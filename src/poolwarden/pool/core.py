@@ -545,7 +545,7 @@ class Pool:
         now = _monotonic()
         while self._waiters and self._idle and self._n_in_use < self._limit:
             record = self._idle.pop()
-            record.state = ConnState.IN_USE
+            record.state = _IN_USE
             self._n_in_use += 1
             if now >= record.expires_at:
                 self._retire(record, self._stale_reason(record))

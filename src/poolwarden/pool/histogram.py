@@ -66,18 +66,14 @@ class Histogram:
         if not bounds or any(b <= a for a, b in itertools.pairwise(bounds)):
             raise ValueError("histogram bounds must be non-empty and strictly increasing")
         self.bounds_s = bounds
-        # per-bucket counts (not cumulative); only observe() and the statement section
-        # (which writes observe() out) add to them
+        # per-bucket counts (not cumulative); only observe() adds to them, and the hot
+        # paths that write it out: the pool's acquire and release, the statement section
         self.bucket_counts = [0] * (len(bounds) + 1)
         self.sum_s = 0.0
 
     def observe(self, seconds: float) -> None:
         self.bucket_counts[bisect_left(self.bounds_s, seconds)] += 1
         self.sum_s += seconds
-
-    def observe_zero(self) -> None:
-        """Record an observation of 0 s (an acquire that did not wait) without a search."""
-        self.bucket_counts[0] += 1
 
     @property
     def counts(self) -> tuple[int, ...]:
