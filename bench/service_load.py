@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,7 +94,9 @@ SERVICES: dict[str, dict[str, Any]] = {
     },
 }
 
-MIX = (("get_user", 0.40), ("list_orders", 0.25), ("create_order", 0.10), ("report", 0.25))
+MIX: tuple[tuple[str, float], ...] = (
+    ("get_user", 0.40), ("list_orders", 0.25), ("create_order", 0.10), ("report", 0.25),
+)
 
 
 # ---------------------------------------------------------------------- HTTP client
@@ -189,7 +191,8 @@ async def _one(client: HttpClient, kind: str, rng: random.Random, scheduled: flo
 async def run_phase(client: HttpClient, rate: float, duration: float, seed: int) -> list[Outcome]:
     """Open loop: Poisson arrivals at ``rate``/s for ``duration`` s; waits for the stragglers."""
     rng = random.Random(seed)
-    kinds, weights = zip(*MIX, strict=True)
+    kinds = [kind for kind, _ in MIX]
+    weights = [weight for _, weight in MIX]
     out: list[Outcome] = []
     tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
@@ -252,7 +255,7 @@ def summarise(service: str, phase: str, rate: float, duration: float, *,
     refused = [o.latency_s * 1000 for o in outcomes if o.status == 503]
     statuses = Counter(str(o.status) for o in outcomes)
 
-    def count(predicate: Any) -> int:
+    def count(predicate: Callable[[int | str], bool]) -> int:
         return sum(1 for o in outcomes if predicate(o.status))
 
     return PhaseSummary(

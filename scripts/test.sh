@@ -7,7 +7,8 @@
 #   - PostgreSQL server programs and PgBouncer, from apt (needs root or sudo);
 #   - the virtualenv .venv with poolwarden installed editable with its dev and bench extras,
 #     re-installed when pyproject.toml changes.
-# Then runs ruff, mypy and pytest; all three run, and the exit status is non-zero if any failed.
+# Then runs ruff, mypy (src, bench, examples) and pytest; all three run, and the exit status is
+# non-zero if any failed.
 # POOLWARDEN_SETUP_ONLY=1 stops after the set-up (scripts/demo.sh uses it).
 set -euo pipefail
 
@@ -100,8 +101,14 @@ lint_paths=()
 for path in src tests bench examples; do
     [ -e "$path" ] && lint_paths+=("$path")
 done
+# mypy (strict, [tool.mypy] in pyproject.toml) checks the library, the benchmarks and the
+# examples; tests are linted only.
+type_paths=()
+for path in src bench examples; do
+    [ -e "$path" ] && type_paths+=("$path")
+done
 run .venv/bin/ruff check "${lint_paths[@]}"
-run .venv/bin/mypy
+run .venv/bin/mypy "${type_paths[@]}"
 run .venv/bin/pytest "$@"
 
 if [ "$status" -ne 0 ]; then
