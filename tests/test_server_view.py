@@ -21,6 +21,7 @@ from poolwarden.server_view import (
     processes_from_env,
     server_activity,
 )
+from poolwarden.sizing import ServerBudget, SizingError
 
 
 def app_name(stem: str) -> str:
@@ -161,8 +162,79 @@ def test_budget_within_reports_spare() -> None:
 
 
 def test_budget_rejects_every_bad_argument_at_once() -> None:
-    with pytest.raises(ValueError, match="max_connections, reserved, processes"):
-        budget_check(0, -1, 10, 0)
+    with pytest.raises(SizingError) as caught:
+        budget_check(0, -1, -2, 0, other_connections=-3)
+    assert {p.variable for p in caught.value.problems} == {
+        "max_connections", "reserved", "pool_max_size", "processes", "other_connections"}
+    assert isinstance(caught.value, ValueError)
+    assert "max_connections: must be >= 1 (got 0)" in str(caught.value)
+    assert "pool_max_size: must be >= 0 (got -2)" in str(caught.value)
+
+
+def test_budget_refuses_counts_that_are_not_whole_numbers() -> None:
+    with pytest.raises(SizingError) as caught:
+        budget_check(100, 3, 2.5, True)  # type: ignore[arg-type]
+    assert {p.variable for p in caught.value.problems} == {"pool_max_size", "processes"}
+
+
+def test_budget_reports_a_server_other_clients_have_filled() -> None:
+    # 10 - 3 reserved - 20 other = -13 left for this service: ServerBudget refuses it, the
+    # check reports it with the shortfall and what to change.
+    with pytest.raises(SizingError):
+        ServerBudget(max_connections=10, reserved=3, other_connections=20)
+    report = budget_check(10, 3, 5, 2, other_connections=20)
+    assert not report.ok
+    assert (report.budget, report.spare) == (-13, -23)
+    assert "2 workers x 5 connections + 20 other = 30 > 7 available" in report.message
+    assert "max_connections to at least 33" in report.message
+    assert "per worker" not in report.message
+    assert report.as_dict()["budget"] == -13
+
+
+def test_budget_reports_max_connections_below_the_reserved_slots() -> None:
+    report = budget_check(max_connections=2, reserved=3, pool_max_size=1, processes=1)
+    assert not report.ok
+    assert (report.available, report.spare) == (-1, -2)
+    assert "max_connections to at least 4" in report.message
+
+
+@given(
+    max_connections=st.integers(-1, 400),
+    reserved=st.integers(-1, 20),
+    other=st.integers(-1, 400),
+    processes=st.integers(-1, 32),
+    pool_max_size=st.integers(0, 20),
+)
+def test_budget_check_and_server_budget_agree(
+    max_connections: int, reserved: int, other: int, processes: int, pool_max_size: int
+) -> None:
+    counts = {"max_connections": max_connections, "reserved": reserved,
+              "other_connections": other, "processes": processes}
+    bad = {name for name, least in (("max_connections", 1), ("reserved", 0),
+                                    ("other_connections", 0), ("processes", 1))
+           if counts[name] < least}
+    if bad:
+        # Same checks, same variables named, same error type.
+        with pytest.raises(SizingError) as by_check:
+            budget_check(max_connections, reserved, pool_max_size, processes, other)
+        with pytest.raises(SizingError) as by_server:
+            ServerBudget(**counts)
+        assert {p.variable for p in by_check.value.problems} == bad
+        assert {p.variable for p in by_server.value.problems} == bad
+        return
+    report = budget_check(max_connections, reserved, pool_max_size, processes, other)
+    budget = max_connections - reserved - other
+    assert report.budget == budget
+    assert report.spare == budget - processes * pool_max_size
+    assert report.ok is (report.spare >= 0)
+    if budget >= 1:
+        assert ServerBudget(**counts).budget == report.budget
+    else:
+        # Over-committed: the strict API refuses it, the check (above) reported it.
+        with pytest.raises(SizingError) as caught:
+            ServerBudget(**counts)
+        assert {p.variable for p in caught.value.problems} == {"max_connections"}
+        assert report.ok is (budget == 0 and pool_max_size == 0)
 
 
 @given(

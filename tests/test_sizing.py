@@ -13,10 +13,12 @@ from poolwarden.errors import ConfigurationError
 from poolwarden.sizing import (
     ServerBudget,
     SizingError,
+    budget_problems,
     cores_rule,
     littles_law,
     per_worker_split,
     recommend,
+    service_budget,
 )
 
 
@@ -195,6 +197,47 @@ def test_server_budget_names_every_bad_input() -> None:
     with pytest.raises(SizingError) as caught:
         ServerBudget(max_connections=10, reserved=3, other_connections=7)
     assert _bad_inputs(caught) == {"max_connections"}
+    assert "must exceed reserved + other_connections (3 + 7 = 10)" in str(caught.value)
+    assert "(got 10)" in str(caught.value)
+
+
+def test_budget_problems_names_each_count_it_is_given() -> None:
+    assert budget_problems(100, 3, 0) == []
+    assert budget_problems(100, 3, 200) == []  # nothing left is not a bad count
+    problems = budget_problems(0, -1, -1, processes=0, pool_max_size=-1)
+    assert [p.variable for p in problems] == [
+        "max_connections", "reserved", "other_connections", "processes", "pool_max_size"]
+    assert [p.variable for p in budget_problems(1.5, 0, False)] == [  # type: ignore[arg-type]
+        "max_connections", "other_connections"]
+
+
+def test_service_budget_may_be_negative() -> None:
+    assert service_budget(100, 3, 10) == 87
+    assert service_budget(10, 3, 20) == -13
+
+
+@given(
+    max_connections=st.integers(1, 10_000),
+    reserved=st.integers(0, 100),
+    other=st.integers(0, 10_000),
+    headroom=st.integers(0, 50),
+    processes=st.integers(1, 64),
+)
+def test_server_budget_is_the_service_budget_or_refuses_it(
+    max_connections: int, reserved: int, other: int, headroom: int, processes: int
+) -> None:
+    counts = {"max_connections": max_connections, "reserved": reserved,
+              "other_connections": other, "processes": processes}
+    assert budget_problems(max_connections, reserved, other, processes=processes) == []
+    budget = service_budget(max_connections, reserved, other)
+    assert budget == max_connections - reserved - other
+    if budget < 1:
+        with pytest.raises(SizingError) as caught:
+            ServerBudget(**counts, headroom=headroom)
+        assert _bad_inputs(caught) == {"max_connections"}
+        return
+    server = ServerBudget(**counts, headroom=headroom)
+    assert (server.budget, server.usable) == (budget, budget - headroom)
 
 
 # -- recommend -------------------------------------------------------------------------------

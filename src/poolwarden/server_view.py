@@ -6,9 +6,10 @@ sessions idle in a transaction for too long (the usual cause of "pool exhausted"
 the longest-running queries. The role needs ``pg_monitor`` (or superuser) to see other
 users' sessions; without it their state and query come back empty.
 
-:func:`budget_check` is the pure arithmetic of the connection budget (every process's pool at
-its maximum, plus other clients, against the slots a non-superuser may use);
-:func:`connection_budget` feeds it the server's numbers.
+:func:`budget_check` judges the connection budget without I/O (every process's pool at its
+maximum, plus other clients, against the slots a non-superuser may use), over the budget
+arithmetic and checks of :mod:`poolwarden.sizing`; :func:`connection_budget` feeds it the
+server's numbers.
 
 **Query text**: ``pg_stat_activity.query`` is the statement as sent, so it may contain
 literal values (personal data, tokens). Reports carry at most :data:`QUERY_CHARS`
@@ -27,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from .pool import Pool, PooledConnection
+from .sizing import SizingError, budget_problems, service_budget
 
 __all__ = [
     "ActivityGroup",
@@ -227,8 +229,14 @@ class BudgetReport:
     """Whether every process's pool, at its maximum, fits in the server's usable slots.
 
     ``used`` = processes x pool_max_size + other_connections; ``available`` =
-    max_connections - reserved; ``ok`` iff used <= available. :attr:`message` says it in
-    plain words with the numbers, and what to change when it does not fit.
+    max_connections - reserved; ``budget`` = :func:`~poolwarden.sizing.service_budget`
+    (available - other_connections); ``spare`` = budget - processes x pool_max_size; ``ok``
+    iff spare >= 0 (used <= available). An over-committed server (budget < 1) is reported
+    here, not refused. :attr:`message` says it in plain words with the numbers, and what to
+    change when it does not fit.
+
+    Raises :class:`~poolwarden.sizing.SizingError` (a ``ValueError``) naming every invalid
+    count (:func:`~poolwarden.sizing.budget_problems`).
     """
 
     max_connections: int
@@ -236,6 +244,14 @@ class BudgetReport:
     pool_max_size: int
     processes: int
     other_connections: int = 0
+
+    def __post_init__(self) -> None:
+        problems = budget_problems(
+            self.max_connections, self.reserved, self.other_connections,
+            processes=self.processes, pool_max_size=self.pool_max_size,
+        )
+        if problems:
+            raise SizingError(problems)
 
     @property
     def used(self) -> int:
@@ -246,13 +262,19 @@ class BudgetReport:
         return self.max_connections - self.reserved
 
     @property
-    def ok(self) -> bool:
-        return self.used <= self.available
+    def budget(self) -> int:
+        """Slots left for this service's pools (zero or negative: other clients and reserved
+        slots take them all)."""
+        return service_budget(self.max_connections, self.reserved, self.other_connections)
 
     @property
     def spare(self) -> int:
         """Slots left when every pool is full (negative: the shortfall)."""
-        return self.available - self.used
+        return self.budget - self.processes * self.pool_max_size
+
+    @property
+    def ok(self) -> bool:
+        return self.spare >= 0
 
     @property
     def message(self) -> str:
@@ -272,7 +294,7 @@ class BudgetReport:
 
     def _fixes(self) -> list[str]:
         fixes = []
-        room = self.available - self.other_connections
+        room = self.budget
         per_worker = room // self.processes if room > 0 else 0
         if per_worker >= 1:
             fixes.append(f"lower pool_size + max_overflow to at most {per_worker} per worker")
@@ -284,8 +306,8 @@ class BudgetReport:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(ok=self.ok, used=self.used, available=self.available, spare=self.spare,
-                   message=self.message)
+        out.update(ok=self.ok, used=self.used, available=self.available, budget=self.budget,
+                   spare=self.spare, message=self.message)
         return out
 
 
@@ -296,21 +318,11 @@ def budget_check(
     processes: int,
     other_connections: int = 0,
 ) -> BudgetReport:
-    """The connection budget, without I/O. Raises ``ValueError`` naming every bad argument
-    (negative counts, fewer than one process or one max_connection)."""
-    problems = [
-        name
-        for name, value, least in (
-            ("max_connections", max_connections, 1),
-            ("reserved", reserved, 0),
-            ("pool_max_size", pool_max_size, 0),
-            ("processes", processes, 1),
-            ("other_connections", other_connections, 0),
-        )
-        if value < least
-    ]
-    if problems:
-        raise ValueError(f"invalid budget arguments: {', '.join(problems)}")
+    """The connection budget, without I/O: a :class:`BudgetReport`, with ``ok=False`` when the
+    pools do not fit — even when reserved slots and other clients leave nothing at all, which
+    :class:`~poolwarden.sizing.ServerBudget` refuses. Raises
+    :class:`~poolwarden.sizing.SizingError` (a ``ValueError``) naming every invalid count:
+    not a whole number, negative, or fewer than one process or one max_connection."""
     return BudgetReport(max_connections, reserved, pool_max_size, processes, other_connections)
 
 

@@ -10,6 +10,11 @@ Three classic rules and one function that combines them:
   each of which has its own pool.
 - :func:`recommend` — per-worker ``pool_size``/``max_overflow``/``min_size`` from all three.
 
+A server's connection budget — ``max_connections - reserved - other_connections`` — is computed
+by :func:`service_budget` and its counts checked by :func:`budget_problems`, here only:
+:class:`ServerBudget` and :func:`recommend` use them and refuse a budget below 1, while
+:func:`poolwarden.server_view.budget_check` uses them and *reports* an over-committed server.
+
 Every result is a frozen dataclass whose ``explanation`` shows the arithmetic in plain words, so
 that ``poolwarden size`` and the advisor can print it as is. Arithmetic is exact
 (:class:`fractions.Fraction` over the numbers as written), so ``100/s x 0.07 s ÷ 0.7`` is 10
@@ -120,9 +125,9 @@ class WorkerSplit:
 class ServerBudget:
     """What a PostgreSQL server can give one service, and how many processes share it.
 
-    ``budget`` = ``max_connections - reserved - other_connections`` (slots this service may draw
-    on); ``usable`` = ``budget - headroom`` (what its pools should be sized to). Raises
-    :class:`SizingError` when a count is negative or nothing would be left.
+    ``budget`` = :func:`service_budget` (slots this service may draw on); ``usable`` =
+    ``budget - headroom`` (what its pools should be sized to). Raises :class:`SizingError` naming
+    every count :func:`budget_problems` refuses, a negative ``headroom``, or a budget below 1.
     """
 
     max_connections: int
@@ -132,22 +137,15 @@ class ServerBudget:
     processes: int = 1  # processes of this service, each with its own pool
 
     def __post_init__(self) -> None:
-        problems: list[ConfigProblem] = []
-        _count(problems, "max_connections", self.max_connections, 1)
-        _count(problems, "reserved", self.reserved, 0)
-        _count(problems, "other_connections", self.other_connections, 0)
+        problems = budget_problems(self.max_connections, self.reserved, self.other_connections,
+                                   processes=self.processes)
         _count(problems, "headroom", self.headroom, 0)
-        _count(problems, "processes", self.processes, 1)
-        if not problems and self.budget < 1:
-            problems.append(ConfigProblem(
-                "max_connections", "must exceed reserved + other_connections",
-                repr(self.max_connections)))
-        if problems:
-            raise SizingError(problems)
+        _require_room(problems, self.max_connections, self.reserved, self.other_connections)
+        _raise(problems)
 
     @property
     def budget(self) -> int:
-        return self.max_connections - self.reserved - self.other_connections
+        return service_budget(self.max_connections, self.reserved, self.other_connections)
 
     @property
     def usable(self) -> int:
@@ -233,6 +231,44 @@ def littles_law(
                    _exact(burst_factor), scope="")
 
 
+def service_budget(max_connections: int, reserved: int, other_connections: int) -> int:
+    """The slots one service may draw on: ``max_connections - reserved - other_connections``.
+
+    Zero or negative when reserved slots and other clients already take them all (an
+    over-committed server): the arithmetic does not judge. :class:`ServerBudget` refuses such a
+    budget; :func:`poolwarden.server_view.budget_check` reports it. Check the counts first with
+    :func:`budget_problems`.
+    """
+    return max_connections - reserved - other_connections
+
+
+def budget_problems(
+    max_connections: int,
+    reserved: int,
+    other_connections: int,
+    *,
+    processes: int | None = None,
+    pool_max_size: int | None = None,
+) -> list[ConfigProblem]:
+    """Every invalid count of a connection budget, one :class:`ConfigProblem` each (empty: valid).
+
+    Each count must be a whole number: ``max_connections ≥ 1``, ``reserved ≥ 0``,
+    ``other_connections ≥ 0`` and, when given, ``processes ≥ 1`` (processes sharing the budget)
+    and ``pool_max_size ≥ 0`` (each one's pool at its maximum). Whether anything is left once
+    they are subtracted is not checked here: that is the caller's decision (see
+    :func:`service_budget`).
+    """
+    problems: list[ConfigProblem] = []
+    _count(problems, "max_connections", max_connections, 1)
+    _count(problems, "reserved", reserved, 0)
+    _count(problems, "other_connections", other_connections, 0)
+    if processes is not None:
+        _count(problems, "processes", processes, 1)
+    if pool_max_size is not None:
+        _count(problems, "pool_max_size", pool_max_size, 0)
+    return problems
+
+
 def per_worker_split(budget: int, workers: int, reserve: int = DEFAULT_HEADROOM) -> WorkerSplit:
     """Share ``budget`` server connections over ``workers`` processes, ``reserve`` held back.
 
@@ -297,7 +333,7 @@ def recommend(
         utilisation_target=utilisation_target, burst_factor=burst_factor))
 
     server = cores_rule(cores, spindles)
-    budget = max_connections - reserved - other_connections
+    budget = service_budget(max_connections, reserved, other_connections)
     split = per_worker_split(budget, workers, headroom)
     target, burst = _exact(utilisation_target), _exact(burst_factor)
     reasons = [server.explanation,
@@ -361,13 +397,10 @@ def _recommend_problems(
     query_time_s: float | None, spindles: int, reserved: int, other_connections: int,
     headroom: int, utilisation_target: float, burst_factor: float,
 ) -> list[ConfigProblem]:
-    problems: list[ConfigProblem] = []
+    problems = budget_problems(max_connections, reserved, other_connections)
     _count(problems, "cores", cores, 1)
     _count(problems, "workers", workers, 1)
-    _count(problems, "max_connections", max_connections, 1)
     _count(problems, "spindles", spindles, 0)
-    _count(problems, "reserved", reserved, 0)
-    _count(problems, "other_connections", other_connections, 0)
     _count(problems, "headroom", headroom, 0)
     _real(problems, "utilisation_target", utilisation_target, low=0, low_open=True, high=1)
     _real(problems, "burst_factor", burst_factor, low=1)
@@ -379,11 +412,21 @@ def _recommend_problems(
         _real(problems, "rate_per_s", rate_per_s, low=0)
     if query_time_s is not None:
         _real(problems, "query_time_s", query_time_s, low=0, low_open=True)
-    if not problems and max_connections - reserved - other_connections < 1:
-        problems.append(ConfigProblem("max_connections",
-                                      "must exceed reserved + other_connections",
-                                      repr(max_connections)))
+    _require_room(problems, max_connections, reserved, other_connections)
     return problems
+
+
+def _require_room(problems: list[ConfigProblem], max_connections: int, reserved: int,
+                  other_connections: int) -> None:
+    """Add a problem when the budget is below 1 — only when nothing else is wrong, since the
+    budget of invalid counts means nothing."""
+    if not problems and service_budget(max_connections, reserved, other_connections) < 1:
+        taken = reserved + other_connections
+        problems.append(ConfigProblem(
+            "max_connections",
+            f"must exceed reserved + other_connections ({reserved} + {other_connections} = "
+            f"{taken}), or nothing is left for this service",
+            repr(max_connections)))
 
 
 def _little(rate: Fraction, held: Fraction, target: Fraction, burst: Fraction, *,
