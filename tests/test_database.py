@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
 import pytest
 
-from poolwarden import ConfigurationError, PoolClosed
+from pool_helpers import config_for
+from poolwarden import CircuitOpen, ConfigurationError, ConnectionFailed, PoolClosed, PoolTimeout
 from poolwarden.database import Database
 from poolwarden.embedded import EmbeddedPostgres
+from poolwarden.testing import FaultProxy
 
 
 def env_for(pg: EmbeddedPostgres, **extra: str) -> dict[str, str]:
@@ -167,3 +172,78 @@ async def test_run_transaction_and_run_session_commit_and_retry_a_serialization_
         assert await db.run_session(write_orm) == "done"
         rows = await db.fetch(f"SELECT id, path FROM {unique_name} ORDER BY id")
     assert [tuple(r) for r in rows] == [(1, "raw"), (2, "orm")]
+
+
+# A pool that retries fast, so that a test sees it recover soon after the server is back.
+FAST_RETRY = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.2, "connect_timeout": 2.0,
+              "acquire_timeout": 1.0}
+
+
+async def first_answer(db: Database, timeout: float = 10.0) -> object:
+    """``SELECT 1`` retried until the database answers: right after the server comes back,
+    the breaker that opened while it was away refuses for up to its open period."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            return await db.fetchval("SELECT 1")
+        except (CircuitOpen, PoolTimeout):
+            assert time.monotonic() < give_up, db.stats()
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", ["refuse", "blackhole"])
+async def test_open_without_wait_returns_at_once_and_serves_once_the_server_answers(
+    pg: EmbeddedPostgres, proxy: FaultProxy, fault: str,
+) -> None:
+    """open(wait=False) with the server unreachable (connections reset, or a partition
+    where they hang) returns at once without a connection; the pool keeps trying in the
+    background, and once the network heals the database serves statements."""
+    getattr(proxy, fault)()
+    db = Database(config_for(proxy.dsn_for(pg.dsn), **FAST_RETRY))
+    try:
+        started = time.monotonic()
+        await db.open(wait=False)
+        assert time.monotonic() - started < 0.5
+        stats = db.stats()["test"]
+        assert stats.connections_created_total == 0
+        assert not stats.closed
+        await asyncio.sleep(0.3)  # connection attempts fail (or hang) meanwhile
+        assert db.stats()["test"].connections_created_total == 0
+        proxy.heal()
+        assert await first_answer(db) == 1
+        assert db.stats()["test"].connections_created_total >= 1
+    finally:
+        await db.close(timeout=1)
+
+
+async def test_a_service_can_open_before_its_server_has_started(fresh_pg: EmbeddedPostgres) -> None:
+    """The start-up race open(wait=False) is for: the server is down when the database is
+    opened, comes up afterwards, and the database serves without being reopened."""
+    fresh_pg.stop()
+    db = Database(config_for(fresh_pg, **FAST_RETRY))
+    try:
+        started = time.monotonic()
+        await db.open(wait=False)
+        assert time.monotonic() - started < 0.5
+        await asyncio.sleep(0.3)
+        assert db.stats()["test"].connection_errors_total >= 1
+        await asyncio.to_thread(fresh_pg.start)
+        assert await first_answer(db) == 1
+    finally:
+        await db.close(timeout=1)
+
+
+async def test_open_with_wait_fails_fast_with_connection_failed(
+    pg: EmbeddedPostgres, proxy: FaultProxy,
+) -> None:
+    """The default, open(wait=True), still fails at once when the server refuses, and leaves
+    the database closed."""
+    proxy.refuse()
+    db = Database(config_for(proxy.dsn_for(pg.dsn), **FAST_RETRY))
+    started = time.monotonic()
+    with pytest.raises(ConnectionFailed):
+        await db.open(wait=True)
+    assert time.monotonic() - started < 2.0
+    assert db.stats()["test"].closed
+    with pytest.raises(PoolClosed):
+        await db.fetchval("SELECT 1")

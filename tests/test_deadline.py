@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from pool_helpers import assert_clean, config_for, open_pool, server_sessions
 from poolwarden import Database, DeadlineExceeded, PoolTimeout
-from poolwarden.deadline import bounded, current_deadline, deadline, remaining
+from poolwarden.deadline import bounded, current_deadline, deadline, no_deadline, remaining
 from poolwarden.embedded import EmbeddedPostgres
 
 # ---------------------------------------------------------------- pure semantics
@@ -59,6 +60,88 @@ async def test_tasks_created_inside_inherit_the_deadline() -> None:
     async with deadline(5) as block:
         seen = await asyncio.create_task(asyncio.sleep(0, result=current_deadline()))
     assert seen == block.at
+
+
+def test_a_replacing_deadline_may_be_later_than_the_outer_one_and_nests_as_usual() -> None:
+    """replace=True puts exactly this deadline in force, even a later one; blocks nested
+    inside it shorten it as usual; leaving it restores the outer deadline."""
+    with deadline(1) as outer:
+        with deadline(60, replace=True) as own:
+            assert own.at > outer.at
+            assert current_deadline() == own.at
+            with deadline(120) as longer:
+                assert longer.at == own.at
+            with deadline(0.5) as shorter:
+                assert current_deadline() == shorter.at < outer.at
+            assert current_deadline() == own.at
+        assert current_deadline() == outer.at
+        at = outer.at + 30
+        with deadline(at=at, replace=True) as instant:
+            assert instant.at == current_deadline() == at
+        with deadline(0.1, replace=True) as earlier:  # replacing by an earlier one: as nesting
+            assert current_deadline() == earlier.at < outer.at
+        assert current_deadline() == outer.at
+    assert current_deadline() is None
+
+
+def test_no_deadline_drops_the_budget_for_the_block_only() -> None:
+    """Inside no_deadline() nothing is bounded until a nested deadline bounds it again;
+    the outer deadline is back when the block ends. Outside any deadline it changes nothing."""
+    with deadline(1) as outer:
+        with no_deadline():
+            assert current_deadline() is None
+            assert remaining() is None
+            assert bounded(30.0) == 30.0
+            with deadline(60) as inner:  # nothing to shorten it against: 60 s holds
+                assert current_deadline() == inner.at > outer.at
+            assert current_deadline() is None
+        assert current_deadline() == outer.at
+    with no_deadline():
+        assert current_deadline() is None
+    assert current_deadline() is None
+
+
+@pytest.mark.parametrize(
+    "make_block",
+    [lambda: deadline(0.5), lambda: deadline(60, replace=True), no_deadline],
+    ids=["nested", "replacing", "none"],
+)
+async def test_leaving_a_block_by_an_exception_restores_the_outer_deadline(
+    make_block: Callable[[], deadline | no_deadline],
+) -> None:
+    """The exception propagates (a block never swallows it) and the deadline in force
+    before the block is back, with ``with`` and ``async with`` alike."""
+    async with deadline(5) as outer:
+        with pytest.raises(LookupError, match="boom"), make_block():
+            raise LookupError("boom")
+        assert current_deadline() == outer.at
+        with pytest.raises(LookupError, match="boom"):
+            async with make_block():
+                raise LookupError("boom")
+        assert current_deadline() == outer.at
+    assert current_deadline() is None
+
+
+def test_bad_arguments_are_refused_naming_the_value() -> None:
+    """Each ValueError says what was wrong and with which value; the message for a missing
+    budget points to no_deadline()."""
+    with pytest.raises(ValueError, match=r"replace must be True or False, got 'yes'"):
+        deadline(1, replace="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"got seconds=1 and at=2\.0"):
+        deadline(1, at=2.0)
+    with pytest.raises(ValueError, match=r"got neither .*no_deadline\(\)"):
+        deadline(replace=True)
+    with pytest.raises(ValueError, match=r"seconds must be >= 0, got -0\.5"):
+        deadline(-0.5, replace=True)
+
+
+def test_a_no_deadline_block_cannot_be_entered_twice_and_shows_itself() -> None:
+    block = no_deadline()
+    with block, pytest.raises(RuntimeError, match="already entered"), block:
+        pass
+    assert repr(block) == "<no_deadline>"
+    assert "replacing" in repr(deadline(1, replace=True))
+    assert "replacing" not in repr(deadline(1))
 
 
 # ---------------------------------------------------------------- on a real server
@@ -177,3 +260,47 @@ async def test_new_connections_do_not_inherit_the_callers_deadline(pg: EmbeddedP
         assert await conn.fetchval("SELECT 1") == 1
     assert seen
     assert all(value is None for value in seen)
+
+
+async def test_a_task_with_its_own_deadline_outlives_the_budget_of_the_code_that_spawned_it(
+    pg: EmbeddedPostgres,
+) -> None:
+    """Background work spawned under a short deadline: with a replacing deadline, or with
+    none, it still runs a statement after the spawner's deadline has passed; the same work
+    left with the inherited deadline is refused with DeadlineExceeded."""
+    async with open_pool(pg) as pool:
+        spawner_gone = asyncio.Event()
+
+        async def work() -> int:
+            await spawner_gone.wait()
+            async with pool.connection() as conn:
+                value: int = await conn.fetchval("SELECT 1")
+                return value
+
+        async def with_own_deadline() -> tuple[float | None, int]:
+            async with deadline(30, replace=True):
+                return current_deadline(), await work()
+
+        async def with_no_deadline() -> tuple[float | None, int]:
+            async with no_deadline():
+                return current_deadline(), await work()
+
+        async with deadline(0.1) as spawner:
+            own = asyncio.create_task(with_own_deadline())
+            unbounded = asyncio.create_task(with_no_deadline())
+            with no_deadline():  # around create_task: the task's context is copied here
+                wrapped = asyncio.create_task(work())
+            inherited = asyncio.create_task(work())
+        await asyncio.sleep(max(0.0, spawner.remaining()) + 0.02)
+        assert spawner.expired
+        spawner_gone.set()
+
+        own_deadline, own_value = await own
+        assert own_value == 1
+        assert own_deadline is not None
+        assert own_deadline > spawner.at
+        assert await unbounded == (None, 1)
+        assert await wrapped == 1
+        with pytest.raises(DeadlineExceeded):
+            await inherited
+        assert pool.stats().connections_in_use == 0

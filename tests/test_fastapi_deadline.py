@@ -5,13 +5,15 @@ Retry-After, and a burst against a saturated pool is refused instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
 from fastapi_helpers import database_for, serve_in_process, sessions_of, unique_app_name, wait_for
-from poolwarden import remaining
+from poolwarden import DeadlineExceeded, deadline, no_deadline, remaining
+from poolwarden.deadline import current_deadline
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.fastapi import Connection, WriteSession, install, lifespan, route_deadline, state_of
 from poolwarden.integrations.fastapi.middleware import parse_budget
@@ -144,3 +146,46 @@ async def test_a_burst_against_a_saturated_pool_is_refused_fast_and_the_service_
         assert [r.status_code for r in await asyncio.gather(*holders)] == [200, 200]
         recovered = await asyncio.gather(*(client.get("/one") for _ in range(10)))
         assert {r.status_code for r in recovered} == {200}
+
+
+async def test_background_work_spawned_by_a_request_runs_past_its_budget_on_its_own_deadline(
+    pg: EmbeddedPostgres,
+) -> None:
+    """A route (with its own limit, capped by a 0.2 s header) spawns jobs and returns. Once
+    the request's budget has passed, the job under deadline(..., replace=True) and the one
+    under no_deadline() still run their statement; the one left with the request's
+    deadline is refused with DeadlineExceeded."""
+    app = deadline_app(pg.dsn, unique_app_name(), asyncio.Event())
+    jobs: dict[str, asyncio.Task[int]] = {}
+
+    async def job(request_deadline: float) -> int:
+        await asyncio.sleep(request_deadline - time.monotonic() + 0.05)  # the budget is gone
+        async with state_of(app).database.connection() as conn:
+            value: int = await conn.fetchval("SELECT 1")
+            return value
+
+    async def replaced(request_deadline: float) -> int:
+        async with deadline(ROUTE_S, replace=True):
+            return await job(request_deadline)
+
+    async def unbounded(request_deadline: float) -> int:
+        with no_deadline():
+            return await job(request_deadline)
+
+    @app.get("/spawn", dependencies=[route_deadline(ROUTE_S)])
+    async def spawn() -> dict[str, float | None]:
+        request_deadline = current_deadline()
+        assert request_deadline is not None
+        jobs["replace"] = asyncio.create_task(replaced(request_deadline))
+        jobs["none"] = asyncio.create_task(unbounded(request_deadline))
+        jobs["inherited"] = asyncio.create_task(job(request_deadline))
+        return {"remaining": remaining()}
+
+    async with serve_in_process(app) as client:
+        response = await client.get("/spawn", headers={"X-Request-Timeout": "0.2"})
+        assert response.status_code == 200
+        assert response.json()["remaining"] <= 0.2
+        assert await asyncio.wait_for(jobs["replace"], timeout=10) == 1
+        assert await asyncio.wait_for(jobs["none"], timeout=10) == 1
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(jobs["inherited"], timeout=10)

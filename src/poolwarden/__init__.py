@@ -1,7 +1,7 @@
 """poolwarden: the PostgreSQL connection layer for async Python services."""
 
 from .database import Database
-from .deadline import deadline, remaining
+from .deadline import deadline, no_deadline, remaining
 from .errors import (
     CircuitOpen,
     CommitOutcomeUnknown,
@@ -40,5 +40,6 @@ __all__ = [
     "ResetPolicy",
     "StatementTimeout",
     "deadline",
+    "no_deadline",
     "remaining",
 ]

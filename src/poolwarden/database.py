@@ -87,10 +87,19 @@ class Database:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self) -> None:
-        """Open every pool (fails fast with ``ConnectionFailed`` if a node is unreachable)."""
+    async def open(self, *, wait: bool = True) -> None:
+        """Open every pool.
+
+        ``wait=True`` (default): each pool opens its first connections now, warmed to its
+        minimum, and a node that cannot be reached raises ``ConnectionFailed`` at once (fail
+        fast on a wrong URL or a down server). ``wait=False``: return without waiting for
+        the servers — e.g. so that a service can start while its database is still coming
+        up. Connections are then opened in the background, retried with backoff until the
+        server answers; work asked of the database meanwhile waits for a connection within
+        its usual limits (acquire timeout, deadline) and fails as it would on a down server.
+        """
         for pool in self._pools.values():
-            await pool.open()
+            await pool.open(wait=wait)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop admitting work, drain in-flight work up to ``timeout`` seconds, close all."""
@@ -111,13 +120,15 @@ class Database:
     # ------------------------------------------------------------------ raw asyncpg path
 
     @staticmethod
-    def deadline(seconds: float) -> deadline:
+    def deadline(seconds: float, *, replace: bool = False) -> deadline:
         """``async with db.deadline(0.5):`` — bound everything the block does with the
         database (the wait for a connection, each statement, and the server's
         ``statement_timeout`` inside transactions and sessions) to ``seconds`` from now.
-        Nested deadlines can only shorten the budget. Expiry raises
+        Nested deadlines can only shorten the budget; ``replace=True`` puts exactly this
+        one in force instead, for work that outlives its caller (see
+        :mod:`poolwarden.deadline`). Expiry raises
         :class:`~poolwarden.errors.DeadlineExceeded`."""
-        return deadline(seconds)
+        return deadline(seconds, replace=replace)
 
     def _node(self, *, read_only: bool = False) -> Pool:
         """The pool that serves this work. One node for now: the primary serves all."""

@@ -17,6 +17,10 @@ The budget of a request is the smaller of
 
 Budgets count from the request's arrival at the middleware. The header can only shorten
 the service's limit; a route's limit replaces the application default (it may be longer).
+
+Tasks an endpoint creates inherit the request's deadline. Work meant to outlive the request
+(a background job) gives itself its own budget with ``deadline(..., replace=True)`` or runs
+under ``no_deadline()`` (see :mod:`poolwarden.deadline`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from fastapi import Depends
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ...deadline import _current as _deadline_var
 from ...deadline import deadline
 from ...settings import parse_duration
 
@@ -150,13 +153,12 @@ def route_deadline(seconds: float) -> Any:
             budget = RequestBudget(time.monotonic(), None, None)
             request.scope[BUDGET_SCOPE_KEY] = budget
         budget.limit_s = float(seconds)
+        at = budget.at
+        assert at is not None  # a limit was just set
         # Replaced, not nested: the route's limit may be longer than the application default
         # the middleware applied (nesting can only shorten). The caller's budget is kept in
         # ``budget.at``. Same task and context as the endpoint, so the reset is exact.
-        token = _deadline_var.set(budget.at)
-        try:
+        with deadline(at=at, replace=True):
             yield
-        finally:
-            _deadline_var.reset(token)
 
     return Depends(apply_route_deadline, scope="function")
