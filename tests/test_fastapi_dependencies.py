@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
@@ -24,7 +25,7 @@ from fastapi_helpers import (
     unique_app_name,
     wait_for,
 )
-from poolwarden import Database
+from poolwarden import ConnectionFailed, Database
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.fastapi import (
     Connection,
@@ -35,6 +36,7 @@ from poolwarden.fastapi import (
     lifespan,
     state_of,
 )
+from poolwarden.testing import FaultProxy
 
 
 def in_use(app: FastAPI) -> int:
@@ -249,6 +251,37 @@ async def test_lifespan_runs_the_application_lifespan_inside_with_the_database_o
     assert seen == ["started", "stopped"]
     assert db.stats()["primary"].closed
     assert await count_rows(pg, unique_name) == 2
+
+
+async def test_lifespan_without_waiting_starts_not_ready_and_serves_once_the_server_answers(
+    pg: EmbeddedPostgres, proxy: FaultProxy
+) -> None:
+    """wait_for_database=False: the worker starts while the server refuses connections, is
+    not ready meanwhile, and serves once the server answers, without a restart. By default
+    the same start-up fails fast with ConnectionFailed."""
+    proxy.refuse()
+    retry = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.2, "acquire_timeout": 1.0}
+    db = database_for(proxy.dsn_for(pg.dsn), unique_app_name(), **retry)
+    app = FastAPI(lifespan=lifespan(db, metrics=False))
+    with pytest.raises(ConnectionFailed):
+        async with app.router.lifespan_context(app):
+            pass
+
+    db = database_for(proxy.dsn_for(pg.dsn), unique_app_name(), **retry)
+    app = FastAPI(lifespan=lifespan(db, metrics=False, health_interval_s=0.1,
+                                    health_timeout_s=0.5, wait_for_database=False))
+    async with app.router.lifespan_context(app):
+        monitor = state_of(app).monitor
+        assert not monitor.ready()
+        assert db.stats()["primary"].connections_created_total == 0
+        proxy.heal()
+
+        async def ready() -> bool:
+            return monitor.ready()
+
+        assert await wait_for(ready, timeout=30.0), monitor.readiness()
+        assert await db.fetchval("SELECT 1") == 1
+    assert db.stats()["primary"].closed
 
 
 async def test_shutdown_waits_for_in_flight_work_then_leaves_no_connection(

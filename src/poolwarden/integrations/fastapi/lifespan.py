@@ -6,8 +6,10 @@
 
 Start-up, in order: build the ``Database`` (from a factory, in the worker process that will
 use it), open its pools warmed to their minimum (failing fast, so that a wrong URL or a down
-server stops the worker instead of serving 503s forever), run one health check so that
-readiness has an answer at once, start the health monitor and the metrics sync, then enter
+server stops the worker instead of serving 503s forever; with ``wait_for_database=False`` the
+worker starts anyway, not ready, and its pools connect in the background — for platforms
+that start the service and its database together), run one health check so that readiness
+has an answer at once, start the health monitor and the metrics sync, then enter
 the application's own lifespan (``then``), which can use the database.
 
 Shutdown, in reverse: leave the application's lifespan, mark the state draining (readiness
@@ -53,6 +55,7 @@ def lifespan(
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
     metrics: PoolMetrics | bool = True,
     metrics_interval_s: float = DEFAULT_METRICS_INTERVAL_S,
+    wait_for_database: bool = True,
 ) -> Lifespan:
     """A lifespan for ``FastAPI(lifespan=...)`` that runs the database (module docstring).
 
@@ -64,7 +67,10 @@ def lifespan(
     :class:`~poolwarden.metrics.PoolMetrics` of your own, or ``False`` for none.
 
     The state (database, monitor) is on ``app.state.poolwarden`` for the dependencies and
-    routes. Raises what ``Database.open`` raises (``ConnectionFailed``) at start-up.
+    routes. Raises what ``Database.open`` raises (``ConnectionFailed``) at start-up, unless
+    ``wait_for_database=False``: then start-up does not wait for the servers
+    (``Database.open(wait=False)``), readiness answers 503 until a health check succeeds, and
+    requests meanwhile fail as on a down server (within their acquire timeout or deadline).
     """
     if drain_timeout_s < 0:
         raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s!r}")
@@ -72,7 +78,7 @@ def lifespan(
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
         db = _build(database)
-        await db.open()
+        await db.open(wait=wait_for_database)
         monitor = db.health_monitor(interval=health_interval_s, timeout=health_timeout_s)
         exporter = _exporter(metrics)
         sync = None if exporter is None else MetricsSync(
