@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import pytest
 
-from pool_helpers import config_for, open_pool
+from pool_helpers import config_for, open_pool, terminate
 from poolwarden import CircuitOpen, ConnectionFailed, Pool, PoolExhausted, PoolTimeout
 from poolwarden import events as ev
 from poolwarden.embedded import EmbeddedPostgres
@@ -97,6 +98,48 @@ async def test_a_cancelled_probe_frees_its_slot_for_the_next_caller(
             await probe
         with pytest.raises(PoolTimeout):  # let through this time: it waited, then timed out
             await pool.acquire(timeout=0.2)
+
+
+@pytest.mark.parametrize("ending", ["discarded", "lost"])
+async def test_a_probe_whose_connection_comes_back_unusable_ends_its_probe(
+    pg: EmbeddedPostgres, proxy: FaultProxy, ending: str
+) -> None:
+    """Half open, the probe takes an idle connection and gives it back unusable. Discarded
+    (its statement failed, say): that says nothing of the node, so the slot is freed and
+    the next caller's probe closes the breaker. Lost (the server ended it): the probe
+    failed, and the breaker opens again. Before, neither told the breaker anything: the slot
+    stayed taken, and with nothing left to reconnect every later caller got CircuitOpen."""
+    config = config_for(
+        proxy.dsn_for(pg.dsn), min_size=0, pool_size=2, acquire_timeout=2.0, pre_ping=False,
+        reconnect_initial_delay=0.01, reconnect_max_delay=0.02,
+        breaker=BreakerConfig(consecutive_failures=2, open_s=0.2, max_open_s=0.2, jitter=0.0),
+    )
+    async with Pool(config) as pool:
+        held = await pool.acquire()  # kept through the outage: idle when the probe comes
+        proxy.refuse()
+        with pytest.raises(CircuitOpen):  # the refused attempts for this caller opened it
+            await asyncio.wait_for(pool.acquire(), 4.0)
+        await pool.release(held)
+        proxy.heal()
+        await asyncio.sleep(0.3)  # the open period ends: the next caller is the probe
+        if ending == "discarded":
+            probe = await pool.acquire()
+            assert pool.stats().breaker_state == "half_open"
+            with pytest.raises(CircuitOpen):  # one probe at a time
+                await pool.acquire(timeout=0.2)
+            await pool.release(probe, discard=True)
+            async with pool.connection(timeout=2.0) as conn:  # the next probe is let through
+                assert await conn.fetchval("SELECT 1") == 1
+            assert pool.stats().breaker_state == "closed"
+        else:
+            # (which error depends on when asyncpg sees the server's goodbye)
+            with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError,
+                                asyncpg.InterfaceError, asyncpg.InternalClientError)):
+                async with pool.connection() as conn:  # the probe
+                    assert pool.stats().breaker_state == "half_open"
+                    assert await terminate(pg, config.application_name) == 1
+                    await conn.fetchval("SELECT 1")
+            assert pool.stats().breaker_state == "open"  # the probe failed
 
 
 async def test_overload_refuses_the_excess_at_once_and_serves_the_rest_within_budget(

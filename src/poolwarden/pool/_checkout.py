@@ -15,7 +15,7 @@ from ..deadline import current_deadline
 from ..errors import DeadlineExceeded, StatementTimeout
 from . import _driver
 from ._driver import PooledConnection
-from ._record import ConnState, Record
+from ._record import CloseReason, ConnState, Record
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Checkout(Waiter):
         if _driver.is_connection_lost(e):
             record = self._pool._checked_out(conn)
             if record is not None:
-                self._pool._connection_lost(record)
+                self._pool._close_held(record, CloseReason.ERROR)
             return
         held = _monotonic() - record.acquired_at if record is not None else 0.0
         await self._pool.release(conn, reset=self._reset)

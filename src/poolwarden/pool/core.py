@@ -349,11 +349,11 @@ class Pool(WaitQueue, Guards, Opening, Upkeep):
             self.events.emit(ev.Released(node=self.name, hold_s=hold))
         if discard or record.timed_out:
             # (a stopped statement's CancelRequest could still hit the next user's statement)
-            self._retire(record, CloseReason.DISCARDED)
+            self._close_held(record, CloseReason.DISCARDED)
             return self._released()
         state = _release_state(conn)
         if state == _CONN_CLOSED:
-            self._connection_lost(record)
+            self._close_held(record, CloseReason.ERROR)
             return self._released()
         if state != _CONN_CLEAN or reset or self._always_reset:
             full = reset or self._always_reset
@@ -418,15 +418,30 @@ class Pool(WaitQueue, Guards, Opening, Upkeep):
         if error is None:
             self._restores += 1
             if record.timed_out:  # the watchdog's cancel could still hit the next user
-                self._retire(record, CloseReason.DISCARDED)
+                self._close_held(record, CloseReason.DISCARDED)
             else:
                 self._reuse(record, _monotonic())
             return
         self._last_error = error
-        if _driver.is_connection_lost(error) or record.conn.is_closed():
+        lost = _driver.is_connection_lost(error) or record.conn.is_closed()
+        self._close_held(record, CloseReason.ERROR if lost else CloseReason.RESET_FAILED)
+
+    def _close_held(self, record: Record, reason: CloseReason) -> None:
+        """Close a connection that came back from its holder unusable (``ERROR``: it was
+        lost). While the breaker is not closed the holder may be its half-open probe, whose
+        slot stays taken until an outcome is reported: a lost connection is the probe's
+        failure; a discard, a stopped statement or a failed reset says nothing of the node,
+        and only frees the slot (the next probe decides)."""
+        breaker = self._breaker
+        if breaker is not None and breaker.state is not _CLOSED:
+            if reason is CloseReason.ERROR:
+                breaker.record_failure(_monotonic())
+            else:
+                breaker.record_abandoned(_monotonic())
+        if reason is CloseReason.ERROR:
             self._connection_lost(record)
         else:
-            self._retire(record, CloseReason.RESET_FAILED)
+            self._retire(record, reason)
 
     def _connection_lost(self, record: Record) -> None:
         """A checked-out connection turned out dead: retire it and make idle siblings
