@@ -1,12 +1,14 @@
 """Health, pool and metrics routes on real PostgreSQL: readiness with latency and pool
 figures, liveness that never depends on the database, the stats and advisor report,
 Prometheus text, configurable paths — and readiness following a stopped and restarted
-server while liveness stays up."""
+server, a circuit breaker opened through a fault proxy, and a failed check's error type,
+while liveness stays up."""
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -16,8 +18,18 @@ from poolwarden import Database
 from poolwarden.embedded import EmbeddedPostgres
 from poolwarden.fastapi import Connection, HealthRoutes, install, lifespan, state_of
 from poolwarden.metrics import PoolMetrics
+from poolwarden.protect.breaker import BreakerConfig
+from poolwarden.testing import FaultProxy
 
 FAST_RECONNECT = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.2}
+# A failed check's type, never its message; the failures a check of a cut network meets.
+CHECK_FAILURES = {"PoolTimeout", "DeadlineExceeded", "TimeoutError", "CircuitOpen"}
+
+
+def assert_names_no_server(text: str, server: EmbeddedPostgres, *ports: int) -> None:
+    for secret in (server.password, f":{server.port}", "127.0.0.1", "postgresql://",
+                   *(f":{port}" for port in ports)):
+        assert secret not in text
 
 
 def routes_app(
@@ -54,10 +66,12 @@ async def test_readiness_reports_latency_and_pool_figures(pg: EmbeddedPostgres) 
     assert node["ok"] is True
     assert node["in_recovery"] is False
     assert node["error_type"] is None
+    assert (body["reason"], node["ready"], node["reason"]) == (None, True, None)
+    assert (node["breaker"], node["retry_after_s"]) == ("closed", None)
+    assert "retry-after" not in response.headers
     assert set(node["pool"]) == {"connections", "idle", "in_use", "waiting", "max", "utilisation"}
     assert node["pool"]["max"] == 4
-    for secret in (pg.password, f":{pg.port}", "127.0.0.1", "postgresql://"):
-        assert secret not in response.text
+    assert_names_no_server(response.text, pg)
 
 
 async def test_liveness_answers_without_the_database(pg: EmbeddedPostgres) -> None:
@@ -161,9 +175,8 @@ async def test_a_stopped_database_turns_readiness_off_and_liveness_stays_on(
         down = await client.get("/health/db")
         assert down.json()["status"] == "unavailable"
         assert down.json()["nodes"]["primary"]["ok"] is False
-        assert down.json()["nodes"]["primary"]["error_type"]
-        for secret in (fresh_pg.password, f":{fresh_pg.port}", "127.0.0.1", "postgresql://"):
-            assert secret not in down.text
+        assert down.json()["nodes"]["primary"]["error_type"].isidentifier()  # a type name
+        assert_names_no_server(down.text, fresh_pg)
         assert (await client.get("/health/live")).status_code == 200
         fresh_pg.start()
 
@@ -173,3 +186,87 @@ async def test_a_stopped_database_turns_readiness_off_and_liveness_stays_on(
         assert await wait_for(ready, timeout=30)
         assert (await client.get("/health/live")).status_code == 200
         assert (await client.get("/held")).status_code == 200
+
+
+async def test_readiness_says_circuit_open_while_the_breaker_refuses_and_recovers_on_its_own(
+    pg: EmbeddedPostgres, proxy: FaultProxy,
+) -> None:
+    """Connections through the proxy refused: the health checks' own attempts open the
+    breaker, and readiness answers 503 ``circuit_open`` — the error type ``CircuitOpen``,
+    the breaker's state and retry-after, a ``Retry-After`` header, nothing that names the
+    server. Liveness stays 200. Network back: with no traffic but the checks, a check is the
+    probe that closes the breaker, and readiness is 200 again."""
+    breaker = BreakerConfig(consecutive_failures=2, open_s=0.3, max_open_s=0.6, jitter=0.0)
+    db = database_for(proxy.dsn_for(pg.dsn), unique_app_name(), breaker=breaker,
+                      reconnect_initial_delay=0.01, reconnect_max_delay=0.05)
+    app = routes_app(db)
+    async with serve_in_process(app) as client:
+        assert (await client.get("/health/db")).status_code == 200
+        proxy.refuse()
+        proxy.reset_all()
+        refused: list[httpx.Response] = []
+
+        async def circuit_open() -> bool:
+            response = await client.get("/health/db")
+            node = response.json().get("nodes", {}).get("primary", {})
+            if response.status_code == 503 and node.get("error_type") == "CircuitOpen":
+                refused.append(response)
+                return True
+            return False
+
+        assert await wait_for(circuit_open, timeout=15)
+        down = refused[-1]
+        body = down.json()
+        node = body["nodes"]["primary"]
+        assert (body["status"], body["reason"]) == ("unavailable", "circuit_open")
+        assert (node["ok"], node["ready"], node["reason"]) == (False, False, "circuit_open")
+        assert node["breaker"] in {"open", "half_open"}
+        assert isinstance(node["retry_after_s"], float)
+        assert 0 <= node["retry_after_s"] <= breaker.max_open_s
+        assert int(down.headers["retry-after"]) >= 1
+        assert_names_no_server(down.text, pg, proxy.port)
+        assert (await client.get("/health/live")).status_code == 200
+
+        proxy.heal()
+
+        async def ready() -> bool:
+            return (await client.get("/health/db")).status_code == 200
+
+        assert await wait_for(ready, timeout=15)
+        up = await client.get("/health/db")
+        node = up.json()["nodes"]["primary"]
+        assert (up.json()["reason"], node["breaker"], node["error_type"]) == (None, "closed", None)
+        assert "retry-after" not in up.headers
+        assert (await client.get("/held")).status_code == 200
+
+
+async def test_readiness_names_the_type_of_a_failed_check_and_no_message(
+    pg: EmbeddedPostgres, proxy: FaultProxy,
+) -> None:
+    """Breaker off, connections refused: the check fails waiting for a connection, and
+    readiness answers 503 ``check_failed`` with the error's type — the same as the health
+    report's — and no message, address or password; no ``Retry-After`` (nothing says when)."""
+    db = database_for(proxy.dsn_for(pg.dsn), unique_app_name(), breaker=None,
+                      reconnect_initial_delay=0.01, reconnect_max_delay=0.05)
+    app = routes_app(db, health_interval_s=60.0, health_timeout_s=0.5)  # checks when told
+    async with serve_in_process(app) as client:
+        monitor = state_of(app).monitor
+        proxy.refuse()
+        proxy.reset_all()
+        await asyncio.sleep(0.05)  # the pool's connection sees the reset
+        report = await monitor.refresh()
+        assert report is not None
+        checked = report.node("primary")
+        response = await client.get("/health/db")
+    assert checked.error_type in CHECK_FAILURES - {"CircuitOpen"}
+    assert checked.error is not None
+    assert checked.error.startswith(f"{checked.error_type}: ")
+    assert response.status_code == 503
+    body = response.json()
+    node = body["nodes"]["primary"]
+    assert (body["reason"], node["reason"]) == ("check_failed", "check_failed")
+    assert (node["error_type"], node["breaker"]) == (checked.error_type, "disabled")
+    assert node["retry_after_s"] is None
+    assert "retry-after" not in response.headers
+    assert checked.error not in response.text
+    assert_names_no_server(response.text, pg, proxy.port)

@@ -7,38 +7,64 @@ Two questions, kept apart on purpose:
   database: if it did, a database outage would make the orchestrator restart every replica of
   the service, which cannot fix the database and turns an outage into a restart storm.
 - **Readiness** — can this process serve requests that need the database now?
-  :meth:`HealthMonitor.ready` answers it from the last background check (no round trip in
-  the probe): the last report is ok and no older than ``max_age_s``.
+  :meth:`HealthMonitor.readiness` answers it from the last background check (no round trip in
+  the probe): the last report is ok and no older than ``max_age_s``, and no required node's
+  circuit breaker refuses calls *now* (read live from the pool's stats: a breaker that opened
+  after the last check counts at once).
 
 :func:`check_node` runs one check on one pool and never raises for a database problem; the
 whole check, including the wait for a connection, is bounded by its ``timeout``.
+
+The circuit breaker and the check:
+
+- The check goes through the pool like any caller, so it sees what a caller would see. While
+  the breaker is **open** the pool refuses it at once, with no I/O and no probe used: the node
+  is not ok, ``error_type`` ``CircuitOpen``, with the breaker's ``retry_after_s`` and the
+  connection error that opened it.
+- A node is **not ready while its breaker is half open** either: the pool then lets only its
+  probe calls through and refuses everyone else, so traffic sent there would mostly be
+  refused. Readiness gives one reason for both states, ``circuit_open``; the breaker's own
+  state (``open`` / ``half_open``) is reported beside it.
+- When the open period is over and no caller is probing, the check may be the probe. This is
+  deliberate: a not-ready process gets no traffic, and without traffic nothing else would ever
+  probe, so a check that stood aside would keep the process unready long after the database
+  came back. The check holds the probe for at most its ``timeout``: it closes the breaker (a
+  connection was had and answered), or gives the slot back (no connection in time, or
+  cancelled), or the pool's connection attempt fails and the breaker opens again. While a
+  caller holds the probe the check is refused at once and does not disturb it.
+- A check that answered while the breaker opened under it (other callers' connection
+  attempts failed meanwhile) is not ok: a stale success must not hide a breaker that refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._background import BackgroundTask
+from .errors import CircuitOpen, PoolError
 from .pool import Pool, PoolStats
 from .pool._driver import describe_error, is_connection_lost
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "HealthMonitor",
     "HealthReport",
     "HealthSource",
     "NodeHealth",
+    "NodeReadiness",
+    "NotReadyReason",
+    "Readiness",
+    "StatsSource",
     "check_node",
     "check_nodes",
+    "judge_readiness",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,15 +81,34 @@ POOL_DEADLINE_LEAD = 0.05
 POOL_DEADLINE_LEAD_MAX_S = 0.1
 
 
+class NotReadyReason(enum.StrEnum):
+    """Why readiness says no, for the process and for each node."""
+
+    NO_REPORT = "no_report"  # no check has completed yet
+    STALE = "stale"  # the last report is older than the freshness limit (monitor stuck, stopped)
+    CIRCUIT_OPEN = "circuit_open"  # the node's breaker refuses calls (open or half open)
+    CHECK_FAILED = "check_failed"  # the node's last check failed: its error_type says how
+
+
+_CIRCUIT_OPEN = CircuitOpen.__name__
+
+
 @dataclass(frozen=True, slots=True)
 class NodeHealth:
     """The result of one check of one node.
 
-    ``ok`` means a connection was had and ``SELECT pg_is_in_recovery()`` answered within the
-    timeout. ``latency_ms`` is that query's round trip and ``acquire_ms`` the wait for the
+    ``ok`` means a connection was had, ``SELECT pg_is_in_recovery()`` answered within the
+    timeout, and the node's circuit breaker did not refuse calls when the check ended.
+    ``latency_ms`` is that query's round trip and ``acquire_ms`` the wait for the
     connection (``None`` when the step did not complete). ``in_recovery`` is ``True`` on a
-    standby, ``False`` on a primary, ``None`` when unknown. ``error`` is the exception type
-    and a short message, with passwords and DSNs masked; ``None`` when ok.
+    standby, ``False`` on a primary, ``None`` when unknown.
+
+    When not ok: ``error_type`` is the class name of the exception that failed the check
+    (``PoolTimeout``, ``CircuitOpen``, ``TimeoutError``, ...; ``CircuitOpen`` too when the
+    query answered but the breaker opened meanwhile) — a name, never a message; ``error`` is
+    that type and a short message, with passwords and DSNs masked; ``retry_after_s`` is the
+    pool's hint (seconds after the check) when it refused the check, e.g. the rest of the
+    breaker's open period. All three are ``None`` when ok.
     """
 
     node: str
@@ -74,6 +119,8 @@ class NodeHealth:
     stats: PoolStats  # the pool's snapshot right after the check
     error: str | None = None
     acquire_ms: float | None = None
+    error_type: str | None = None
+    retry_after_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (no password: the error is already sanitised)."""
@@ -84,7 +131,9 @@ class NodeHealth:
             "acquire_ms": self.acquire_ms,
             "in_recovery": self.in_recovery,
             "checked_at": self.checked_at.isoformat(),
+            "error_type": self.error_type,
             "error": self.error,
+            "retry_after_s": self.retry_after_s,
             "stats": self.stats.as_dict(),
         }
 
@@ -125,9 +174,12 @@ async def check_node(pool: Pool, *, timeout: float = DEFAULT_TIMEOUT_S) -> NodeH
 
     Acquires a connection (waiting in the pool's queue like any caller, at most until the
     deadline) and runs ``SELECT pg_is_in_recovery()`` with the remaining budget. Returns
-    ``ok=False`` with a sanitised error for every database or pool problem (server down,
-    network blackholed, pool exhausted or closed) — never raises for those. Raises
-    ``CancelledError`` when the caller is cancelled.
+    ``ok=False`` with a sanitised error and its ``error_type`` for every database or pool
+    problem (server down, network blackholed, pool exhausted or closed, circuit breaker
+    open) — never raises for those. Raises ``CancelledError`` when the caller is cancelled.
+
+    The breaker decides like for any caller (see the module docstring): while it is open
+    the check is refused at once, without I/O; when a probe may go, the check may be it.
 
     A connection whose health query failed or timed out is closed rather than returned:
     its state is unknown, and cleaning it could wait on a dead network past the deadline.
@@ -152,6 +204,8 @@ async def check_node(pool: Pool, *, timeout: float = DEFAULT_TIMEOUT_S) -> NodeH
                     # awaited), so that leaving the block does not clean it, which could
                     # wait on a dead network past our deadline. A lost connection is left
                     # to the block's exit, which also makes its idle siblings suspect.
+                    # (Had this check the breaker's half-open probe, the discard frees the
+                    # probe's slot: the next check or caller probes again.)
                     await pool.release(conn, discard=True)
                 raise
             latency_ms = (time.monotonic() - acquired) * 1000.0
@@ -159,11 +213,23 @@ async def check_node(pool: Pool, *, timeout: float = DEFAULT_TIMEOUT_S) -> NodeH
         return NodeHealth(
             node=pool.name, ok=False, latency_ms=None, in_recovery=None, checked_at=checked_at,
             stats=pool.stats(), error=_describe(exc, pool, stage, timeout),
-            acquire_ms=acquire_ms,
+            acquire_ms=acquire_ms, error_type=type(exc).__name__,
+            retry_after_s=exc.retry_after_s if isinstance(exc, PoolError) else None,
+        )
+    stats = pool.stats()
+    if stats.breaker_open:
+        # The query answered, but the breaker opened while it ran (other callers' connection
+        # attempts failed): callers are refused now, and this success must not hide it.
+        return NodeHealth(
+            node=pool.name, ok=False, latency_ms=latency_ms, in_recovery=bool(in_recovery),
+            checked_at=checked_at, stats=stats, acquire_ms=acquire_ms,
+            error=f"{_CIRCUIT_OPEN}: the circuit breaker is {stats.breaker_state}; "
+                  "callers are refused",
+            error_type=_CIRCUIT_OPEN, retry_after_s=pool.retry_after(),
         )
     return NodeHealth(
         node=pool.name, ok=True, latency_ms=latency_ms, in_recovery=bool(in_recovery),
-        checked_at=checked_at, stats=pool.stats(), acquire_ms=acquire_ms,
+        checked_at=checked_at, stats=stats, acquire_ms=acquire_ms,
     )
 
 
@@ -200,6 +266,106 @@ def _describe(exc: BaseException, pool: Pool, stage: str, timeout: float) -> str
     return text
 
 
+# ---------------------------------------------------------------------- readiness
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReadiness:
+    """One node's part of a :class:`Readiness` answer."""
+
+    health: NodeHealth  # the node's last check
+    required: bool  # whether the answer depends on this node
+    reason: NotReadyReason | None  # why this node is not ready; None when it is
+    breaker_state: str  # now if known, else at the check: closed | open | half_open | disabled
+    # When circuit_open: seconds until the breaker lets a probe through — the hint the pool
+    # gave the check less the report's age (so at most that), 0.0 once the breaker lets
+    # calls through again; None when not known (it opened after the last check) or ready.
+    retry_after_s: float | None
+
+    @property
+    def node(self) -> str:
+        return self.health.node
+
+    @property
+    def ready(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """A readiness answer. ``reason`` is ``None`` when ready; else ``no_report``, ``stale``,
+    or the reason of the first required node that is not ready. ``nodes`` holds every
+    checked node's part (required or not); ``age_s`` is the report's age."""
+
+    reason: NotReadyReason | None
+    nodes: tuple[NodeReadiness, ...] = ()
+    age_s: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.reason is None
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """The longest breaker hint among the required nodes whose breaker refuses; ``None``
+        when there is none."""
+        hints = [n.retry_after_s for n in self.nodes
+                 if n.required and n.reason is NotReadyReason.CIRCUIT_OPEN
+                 and n.retry_after_s is not None]
+        return max(hints) if hints else None
+
+
+def judge_readiness(
+    report: HealthReport | None,
+    *,
+    age_s: float | None,
+    max_age_s: float,
+    live: Mapping[str, PoolStats] | None = None,
+) -> Readiness:
+    """Readiness from the last ``report`` (``age_s`` old) and the pools' ``live`` stats by
+    node name (the breaker state now; a node missing there is judged by the stats taken
+    with its check). Pure: no I/O, no clock.
+
+    Ready when the report is at most ``max_age_s`` old and every required node's check was
+    ok and its breaker does not refuse calls now. A node's breaker that is open or half open
+    makes it ``circuit_open`` — whatever its last check said — as does a check the breaker
+    refused; any other failed check makes it ``check_failed``.
+    """
+    if report is None or age_s is None:
+        return Readiness(NotReadyReason.NO_REPORT)
+    live = live or {}
+    everything = not report.required
+    nodes = tuple(
+        _judge_node(n, live.get(n.node), age_s, required=everything or n.node in report.required)
+        for n in report.nodes
+    )
+    reason: NotReadyReason | None
+    if age_s > max_age_s:
+        reason = NotReadyReason.STALE
+    elif not any(n.required for n in nodes):
+        reason = NotReadyReason.NO_REPORT  # no required node was checked
+    else:
+        reason = next((n.reason for n in nodes if n.required and n.reason is not None), None)
+    return Readiness(reason, nodes, age_s)
+
+
+def _judge_node(
+    health: NodeHealth, live: PoolStats | None, age_s: float, *, required: bool
+) -> NodeReadiness:
+    stats = live if live is not None else health.stats
+    reason: NotReadyReason | None = None
+    retry_after_s: float | None = None
+    if stats.breaker_open or health.error_type == _CIRCUIT_OPEN:
+        reason = NotReadyReason.CIRCUIT_OPEN
+        if not stats.breaker_open:
+            retry_after_s = 0.0  # refused at the check, closed since: the next check tells
+        elif health.retry_after_s is not None:
+            retry_after_s = max(0.0, health.retry_after_s - age_s)
+    elif not health.ok:
+        reason = NotReadyReason.CHECK_FAILED
+    return NodeReadiness(health, required, reason, stats.breaker_state, retry_after_s)
+
+
 # ---------------------------------------------------------------------- background monitor
 
 
@@ -208,6 +374,14 @@ class HealthSource(Protocol):
     """Anything that can produce a :class:`HealthReport` (``Database`` does)."""
 
     async def health(self, *, timeout: float = ...) -> HealthReport: ...
+
+
+@runtime_checkable
+class StatsSource(Protocol):
+    """Anything that gives each node's live pool stats by node name (``Database`` does).
+    A :class:`HealthMonitor` whose target also is one reads its breakers live."""
+
+    def stats(self) -> Mapping[str, PoolStats]: ...
 
 
 async def _check(target: Pool | HealthSource, timeout: float) -> HealthReport:
@@ -224,8 +398,11 @@ class HealthMonitor(BackgroundTask):
     database alive, and its task ends when the target is gone. ``start()`` needs a running
     loop; ``stop()`` cancels the task and waits for it. Also an async context manager.
 
-    Probes: :meth:`live` (never touches the database) and :meth:`ready` (last report ok and
-    fresh; reads the cached report, no round trip).
+    Probes: :meth:`live` (never touches the database) and :meth:`ready` /
+    :meth:`readiness` (last report ok and fresh, and no required node's breaker refusing
+    calls now; reads the cached report and the pools' in-memory stats, no round trip). The
+    breakers are read live when the target is a :class:`Pool` or also a
+    :class:`StatsSource`; otherwise from the stats taken with the last check.
     """
 
     TASK_NAME = "poolwarden-health-monitor"
@@ -269,12 +446,31 @@ class HealthMonitor(BackgroundTask):
         """Freshness limit used by :meth:`ready` by default: two intervals plus one timeout."""
         return 2 * self.interval + self.timeout
 
-    def ready(self, max_age_s: float | None = None) -> bool:
-        """Readiness: the last report is ok and at most ``max_age_s`` old (default
-        :meth:`default_max_age_s`). ``False`` before the first report. No I/O."""
-        age = self.age_s
+    def readiness(
+        self, max_age_s: float | None = None, *, live: Mapping[str, PoolStats] | None = None
+    ) -> Readiness:
+        """Readiness, with the reason when not ready and each node's part (see
+        :func:`judge_readiness`). ``max_age_s`` defaults to :meth:`default_max_age_s`;
+        ``live`` (each node's stats now) to the target's own, when it gives them. No I/O."""
         limit = self.default_max_age_s() if max_age_s is None else max_age_s
-        return self._last is not None and self._last.ok and age is not None and age <= limit
+        if live is None:
+            live = self._live_stats()
+        return judge_readiness(self._last, age_s=self.age_s, max_age_s=limit, live=live)
+
+    def ready(self, max_age_s: float | None = None) -> bool:
+        """Whether :meth:`readiness` says ready: the last report is ok and at most
+        ``max_age_s`` old, and no required node's breaker refuses calls now. ``False``
+        before the first report. No I/O."""
+        return self.readiness(max_age_s).ready
+
+    def _live_stats(self) -> Mapping[str, PoolStats] | None:
+        # (typed object: mypy takes a HealthSource that is also a StatsSource for impossible)
+        target: object = self._target()
+        if isinstance(target, Pool):
+            return {target.name: target.stats()}
+        if isinstance(target, StatsSource):
+            return target.stats()
+        return None
 
     def live(self) -> bool:
         """Liveness: always ``True`` — if this runs, the process and its loop answer.

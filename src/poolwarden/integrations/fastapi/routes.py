@@ -1,9 +1,15 @@
 """Health, pool and metrics routes, each at a configurable path and each optional.
 
 - readiness (``/health/db``): 200 when the last background check of every node passed and
-  is fresh, with the check's latency and the pool's figures; 503 when not (or while the
-  application shuts down). The probe itself does no round trip: it reads the monitor's last
-  report, so that a storm of probes cannot queue in the pool it is judging.
+  is fresh and no node's circuit breaker refuses calls now, with the check's latency and the
+  pool's figures; 503 when not (or while the application shuts down), with a ``reason``
+  (``circuit_open``, ``check_failed``, ``stale``, ``no_report``) for the whole and per node.
+  A breaker that is open *or half open* means not ready: the pool would refuse all but its
+  probe calls (see :mod:`poolwarden.health`). While a breaker refuses, each such node carries
+  ``retry_after_s`` (seconds until it lets a probe through, when known) and the 503 a
+  ``Retry-After`` header. The probe itself does no round trip: it reads the monitor's last
+  report and the pools' in-memory stats, so that a storm of probes cannot queue in the pool
+  it is judging.
 - liveness (``/health/live``): always 200 while the process answers. Never touches the
   database: a database outage must not make the orchestrator restart every replica.
 - ``/health/pool``: this worker's stats snapshot and the advisor's findings.
@@ -16,6 +22,7 @@ address, a DSN or an error message.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ...advisor import Finding
-from ...health import NodeHealth
+from ...health import NodeReadiness
 from ...metrics import PoolMetrics, prometheus_available, render
 from ...pool import PoolStats
 from ._state import STATE_ATTRIBUTE, PoolwardenState, state_of
@@ -84,38 +91,59 @@ def _pool_figures(stats: PoolStats) -> dict[str, Any]:
     }
 
 
-def _node_figures(health: NodeHealth, stats: PoolStats | None) -> dict[str, Any]:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _node_figures(node: NodeReadiness, stats: PoolStats | None) -> dict[str, Any]:
+    health = node.health
     return {
         "ok": health.ok,
-        "latency_ms": None if health.latency_ms is None else round(health.latency_ms, 3),
-        "acquire_ms": None if health.acquire_ms is None else round(health.acquire_ms, 3),
+        "ready": node.ready,
+        "reason": None if node.reason is None else node.reason.value,
+        "latency_ms": _rounded(health.latency_ms),
+        "acquire_ms": _rounded(health.acquire_ms),
         "in_recovery": health.in_recovery,
         # The type only: the message names the server's address.
-        "error_type": None if health.error is None else health.error.split(":", 1)[0],
+        "error_type": health.error_type,
+        "breaker": node.breaker_state,
+        "retry_after_s": _rounded(node.retry_after_s),
         "pool": _pool_figures(stats or health.stats),
     }
 
 
 async def readiness(request: Request) -> JSONResponse:
-    """200 ``{"status": "ready", ...}`` or 503 ``{"status": "unavailable" | "shutting_down"}``."""
+    """200 ``{"status": "ready", ...}`` or 503 ``{"status": "unavailable" | "shutting_down"}``.
+
+    With a report: ``reason`` (``None`` when ready), ``checked_at``, ``age_s``,
+    ``latency_ms`` and per node ``ok`` (its last check passed), ``ready`` and ``reason``
+    (its verdict now), ``error_type``, ``breaker`` (its state now), ``retry_after_s`` and
+    the pool's figures.
+    """
     state = state_of(request)
     if state.draining:
         return JSONResponse({"status": "shutting_down"}, status_code=503, headers=_NO_STORE)
     monitor = state.monitor
-    report = monitor.last
-    if report is None:
-        report = await monitor.refresh()
-    ready = report is not None and monitor.ready()
+    if monitor.last is None:
+        await monitor.refresh()
     live = state.database.stats()
-    body: dict[str, Any] = {"status": "ready" if ready else "unavailable"}
-    if report is not None:
-        age = monitor.age_s
-        body["checked_at"] = min(n.checked_at for n in report.nodes).isoformat()
-        body["age_s"] = None if age is None else round(age, 3)
-        latencies = [n.latency_ms for n in report.nodes if n.latency_ms is not None]
+    verdict = monitor.readiness(live=live)
+    body: dict[str, Any] = {
+        "status": "ready" if verdict.ready else "unavailable",
+        "reason": None if verdict.reason is None else verdict.reason.value,
+    }
+    checks = [n.health for n in verdict.nodes]
+    if checks:
+        body["checked_at"] = min(c.checked_at for c in checks).isoformat()
+        body["age_s"] = _rounded(verdict.age_s)
+        latencies = [c.latency_ms for c in checks if c.latency_ms is not None]
         body["latency_ms"] = round(max(latencies), 3) if latencies else None
-        body["nodes"] = {n.node: _node_figures(n, live.get(n.node)) for n in report.nodes}
-    return JSONResponse(body, status_code=200 if ready else 503, headers=_NO_STORE)
+        body["nodes"] = {n.node: _node_figures(n, live.get(n.node)) for n in verdict.nodes}
+    headers = dict(_NO_STORE)
+    retry_after = verdict.retry_after_s
+    if not verdict.ready and retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return JSONResponse(body, status_code=200 if verdict.ready else 503, headers=headers)
 
 
 # ---------------------------------------------------------------------- liveness
