@@ -7,10 +7,10 @@ Two questions, kept apart on purpose:
   database: if it did, a database outage would make the orchestrator restart every replica of
   the service, which cannot fix the database and turns an outage into a restart storm.
 - **Readiness** — can this process serve requests that need the database now?
-  :meth:`HealthMonitor.readiness` answers it from the last background check (no round trip in
-  the probe): the last report is ok and no older than ``max_age_s``, and no required node's
-  circuit breaker refuses calls *now* (read live from the pool's stats: a breaker that opened
-  after the last check counts at once).
+  :meth:`HealthMonitor.readiness` (rules in :mod:`poolwarden.readiness`) answers it from the
+  last background check (no round trip in the probe): the last report is ok and no older
+  than ``max_age_s``, and no required node's circuit breaker refuses calls *now* (read live
+  from the pool's stats: a breaker that opened after the last check counts at once).
 
 :func:`check_node` runs one check on one pool and never raises for a database problem; the
 whole check, including the wait for a connection, is bounded by its ``timeout``.
@@ -39,7 +39,6 @@ The circuit breaker and the check:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 import weakref
@@ -49,9 +48,16 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from ._background import BackgroundTask
-from .errors import CircuitOpen, PoolError
+from .errors import PoolError
 from .pool import Pool, PoolStats
 from .pool._driver import describe_error, is_connection_lost
+from .readiness import (
+    CIRCUIT_OPEN_TYPE,
+    NodeReadiness,
+    NotReadyReason,
+    Readiness,
+    judge_readiness,
+)
 
 __all__ = [
     "HealthMonitor",
@@ -79,18 +85,6 @@ HEALTH_QUERY = "SELECT pg_is_in_recovery()"
 # its counts and the last connection error — rather than a bare timeout.
 POOL_DEADLINE_LEAD = 0.05
 POOL_DEADLINE_LEAD_MAX_S = 0.1
-
-
-class NotReadyReason(enum.StrEnum):
-    """Why readiness says no, for the process and for each node."""
-
-    NO_REPORT = "no_report"  # no check has completed yet
-    STALE = "stale"  # the last report is older than the freshness limit (monitor stuck, stopped)
-    CIRCUIT_OPEN = "circuit_open"  # the node's breaker refuses calls (open or half open)
-    CHECK_FAILED = "check_failed"  # the node's last check failed: its error_type says how
-
-
-_CIRCUIT_OPEN = CircuitOpen.__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +217,9 @@ async def check_node(pool: Pool, *, timeout: float = DEFAULT_TIMEOUT_S) -> NodeH
         return NodeHealth(
             node=pool.name, ok=False, latency_ms=latency_ms, in_recovery=bool(in_recovery),
             checked_at=checked_at, stats=stats, acquire_ms=acquire_ms,
-            error=f"{_CIRCUIT_OPEN}: the circuit breaker is {stats.breaker_state}; "
+            error=f"{CIRCUIT_OPEN_TYPE}: the circuit breaker is {stats.breaker_state}; "
                   "callers are refused",
-            error_type=_CIRCUIT_OPEN, retry_after_s=pool.retry_after(),
+            error_type=CIRCUIT_OPEN_TYPE, retry_after_s=pool.retry_after(),
         )
     return NodeHealth(
         node=pool.name, ok=True, latency_ms=latency_ms, in_recovery=bool(in_recovery),
@@ -264,106 +258,6 @@ def _describe(exc: BaseException, pool: Pool, stage: str, timeout: float) -> str
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return text
-
-
-# ---------------------------------------------------------------------- readiness
-
-
-@dataclass(frozen=True, slots=True)
-class NodeReadiness:
-    """One node's part of a :class:`Readiness` answer."""
-
-    health: NodeHealth  # the node's last check
-    required: bool  # whether the answer depends on this node
-    reason: NotReadyReason | None  # why this node is not ready; None when it is
-    breaker_state: str  # now if known, else at the check: closed | open | half_open | disabled
-    # When circuit_open: seconds until the breaker lets a probe through — the hint the pool
-    # gave the check less the report's age (so at most that), 0.0 once the breaker lets
-    # calls through again; None when not known (it opened after the last check) or ready.
-    retry_after_s: float | None
-
-    @property
-    def node(self) -> str:
-        return self.health.node
-
-    @property
-    def ready(self) -> bool:
-        return self.reason is None
-
-
-@dataclass(frozen=True, slots=True)
-class Readiness:
-    """A readiness answer. ``reason`` is ``None`` when ready; else ``no_report``, ``stale``,
-    or the reason of the first required node that is not ready. ``nodes`` holds every
-    checked node's part (required or not); ``age_s`` is the report's age."""
-
-    reason: NotReadyReason | None
-    nodes: tuple[NodeReadiness, ...] = ()
-    age_s: float | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.reason is None
-
-    @property
-    def retry_after_s(self) -> float | None:
-        """The longest breaker hint among the required nodes whose breaker refuses; ``None``
-        when there is none."""
-        hints = [n.retry_after_s for n in self.nodes
-                 if n.required and n.reason is NotReadyReason.CIRCUIT_OPEN
-                 and n.retry_after_s is not None]
-        return max(hints) if hints else None
-
-
-def judge_readiness(
-    report: HealthReport | None,
-    *,
-    age_s: float | None,
-    max_age_s: float,
-    live: Mapping[str, PoolStats] | None = None,
-) -> Readiness:
-    """Readiness from the last ``report`` (``age_s`` old) and the pools' ``live`` stats by
-    node name (the breaker state now; a node missing there is judged by the stats taken
-    with its check). Pure: no I/O, no clock.
-
-    Ready when the report is at most ``max_age_s`` old and every required node's check was
-    ok and its breaker does not refuse calls now. A node's breaker that is open or half open
-    makes it ``circuit_open`` — whatever its last check said — as does a check the breaker
-    refused; any other failed check makes it ``check_failed``.
-    """
-    if report is None or age_s is None:
-        return Readiness(NotReadyReason.NO_REPORT)
-    live = live or {}
-    everything = not report.required
-    nodes = tuple(
-        _judge_node(n, live.get(n.node), age_s, required=everything or n.node in report.required)
-        for n in report.nodes
-    )
-    reason: NotReadyReason | None
-    if age_s > max_age_s:
-        reason = NotReadyReason.STALE
-    elif not any(n.required for n in nodes):
-        reason = NotReadyReason.NO_REPORT  # no required node was checked
-    else:
-        reason = next((n.reason for n in nodes if n.required and n.reason is not None), None)
-    return Readiness(reason, nodes, age_s)
-
-
-def _judge_node(
-    health: NodeHealth, live: PoolStats | None, age_s: float, *, required: bool
-) -> NodeReadiness:
-    stats = live if live is not None else health.stats
-    reason: NotReadyReason | None = None
-    retry_after_s: float | None = None
-    if stats.breaker_open or health.error_type == _CIRCUIT_OPEN:
-        reason = NotReadyReason.CIRCUIT_OPEN
-        if not stats.breaker_open:
-            retry_after_s = 0.0  # refused at the check, closed since: the next check tells
-        elif health.retry_after_s is not None:
-            retry_after_s = max(0.0, health.retry_after_s - age_s)
-    elif not health.ok:
-        reason = NotReadyReason.CHECK_FAILED
-    return NodeReadiness(health, required, reason, stats.breaker_state, retry_after_s)
 
 
 # ---------------------------------------------------------------------- background monitor
