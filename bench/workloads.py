@@ -81,6 +81,7 @@ class Timing:
     overload_s: float
     pgbench_s: int
     shed_pause_s: float
+    paired_s: float  # the window of a paired measurement (d, paired), per participant
 
 
 def _ms(ns: float | None) -> float | None:
@@ -177,7 +178,7 @@ async def _measure_paired(
             for key in order if i % 2 == 0 else reversed(order):
                 merged[key].add(await closed_loop(
                     sides[key].ops,
-                    warmup_s=SLICE_WARMUP_S, duration_s=timing.duration_s / PAIRED_SLICES,
+                    warmup_s=SLICE_WARMUP_S, duration_s=timing.paired_s / PAIRED_SLICES,
                 ))
         return merged
     finally:
