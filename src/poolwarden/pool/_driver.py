@@ -22,6 +22,7 @@ import asyncpg
 
 from .._secrets import scrub
 from ..deadline import _current as _deadline_var
+from ..deadline import no_deadline
 from ..errors import PoolwardenError
 
 if TYPE_CHECKING:
@@ -47,11 +48,8 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
         # asyncpg sends the CancelRequest from a new task bounded by command_timeout; it
         # must not inherit the caller's (by now expired) deadline, or the cancel would fail
         # at once and asyncpg would terminate this connection instead of cancelling.
-        token = _deadline_var.set(None)
-        try:
+        with no_deadline():
             super()._cancel_current_command(waiter, cancel_waiter)
-        finally:
-            _deadline_var.reset(token)
 
 
 # Errors after which the connection itself is unusable (the socket is gone or the server
